@@ -1,0 +1,266 @@
+"""`ChromaAzureVm`: Chroma on an Ubuntu 24.04 VM behind Caddy, with its data on a managed disk.
+
+The data disk is a separate resource in its own resource group, attached at LUN 0 with delete
+option Detach and protected by default, so replacing or deleting the VM never deletes the data. Only 443 (from allowedCidrs),
+80 (ACME challenges and the redirect) and, when asked, 22 are open; Chroma's port is published on
+no host port at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pulumi
+import pulumi_azure_native.compute as compute
+import pulumi_azure_native.network as network
+import pulumi_azure_native.resources as resources
+import pulumi_random as random
+
+from components import credentials, sizing
+from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config
+from components.runtime import HEARTBEAT_PATH
+from components.settings import Settings
+
+DATA_DISK_LUN = 0
+OS_DISK_SIZE_GB = 30
+VNET_PREFIX = "10.42.0.0/16"
+SUBNET_PREFIX = "10.42.1.0/24"
+UBUNTU_2404 = compute.ImageReferenceArgs(
+    publisher="Canonical", offer="ubuntu-24_04-lts", sku="server", version="latest"
+)
+_LABEL_SUFFIX_LENGTH = 6
+_MAX_LABEL_LENGTH = 63
+
+
+def default_dns_label_prefix(project: str, stack: str) -> str:
+    """project-stack, lowercased and cut to what leaves room for '-' and the random suffix."""
+    prefix = re.sub(r"[^a-z0-9-]+", "-", f"{project}-{stack}".lower()).strip("-")
+    prefix = prefix[: _MAX_LABEL_LENGTH - _LABEL_SUFFIX_LENGTH - 1].rstrip("-")
+    return prefix if prefix[:1].isalpha() else f"c-{prefix}"
+
+
+class ChromaAzureVm(pulumi.ComponentResource):
+    """An Azure VM running Chroma behind an authenticating HTTPS proxy, with a persistent data disk."""
+
+    endpoint: pulumi.Output[str]
+    heartbeat_url: pulumi.Output[str]
+    fqdn: pulumi.Output[str]
+    public_ip: pulumi.Output[str]
+    auth_token: pulumi.Output[str]
+    data_disk_id: pulumi.Output[str]
+    ssh_command: pulumi.Output[str] | None
+    ssh_private_key: pulumi.Output[str] | None
+
+    def __init__(self, name: str, args: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("chroma-infra:azure:ChromaAzureVm", name, None, opts)
+        self._name = name
+        self._settings = args
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"project": pulumi.get_project(), "stack": pulumi.get_stack()}
+
+        group = resources.ResourceGroup(f"{name}-rg", location=args.location, tags=tags, opts=child)
+        nsg = network.NetworkSecurityGroup(
+            f"{name}-nsg",
+            resource_group_name=group.name,
+            security_rules=self._security_rules(),
+            tags=tags,
+            opts=child,
+        )
+        vnet = network.VirtualNetwork(
+            f"{name}-vnet",
+            resource_group_name=group.name,
+            address_space=network.AddressSpaceArgs(address_prefixes=[VNET_PREFIX]),
+            tags=tags,
+            opts=child,
+        )
+        subnet = network.Subnet(
+            f"{name}-subnet",
+            resource_group_name=group.name,
+            virtual_network_name=vnet.name,
+            address_prefix=SUBNET_PREFIX,
+            network_security_group=network.NetworkSecurityGroupArgs(id=nsg.id),
+            opts=child,
+        )
+        public_ip = network.PublicIPAddress(
+            f"{name}-ip",
+            resource_group_name=group.name,
+            sku=network.PublicIPAddressSkuArgs(name=network.PublicIPAddressSkuName.STANDARD),
+            public_ip_allocation_method=network.IPAllocationMethod.STATIC,
+            dns_settings=network.PublicIPAddressDnsSettingsArgs(domain_name_label=self._dns_label()),
+            tags=tags,
+            opts=child,
+        )
+        nic = network.NetworkInterface(
+            f"{name}-nic",
+            resource_group_name=group.name,
+            ip_configurations=[
+                network.NetworkInterfaceIPConfigurationArgs(
+                    name="primary",
+                    subnet=network.SubnetArgs(id=subnet.id),
+                    private_ip_allocation_method=network.IPAllocationMethod.DYNAMIC,
+                    public_ip_address=network.PublicIPAddressArgs(id=public_ip.id),
+                )
+            ],
+            tags=tags,
+            opts=child,
+        )
+        # Deleting a resource group deletes whatever is in it, protected in Pulumi or not, so
+        # the data disk lives in a group of its own that shares the disk's protection.
+        keep_data = pulumi.ResourceOptions(parent=self, protect=args.protect_data_disk)
+        data_group = resources.ResourceGroup(f"{name}-data-rg", location=args.location, tags=tags, opts=keep_data)
+        data_disk = compute.Disk(
+            f"{name}-data",
+            resource_group_name=data_group.name,
+            sku=compute.DiskSkuArgs(name=args.data_disk_sku),
+            disk_size_gb=args.data_disk_size_gb,
+            creation_data=compute.CreationDataArgs(create_option=compute.DiskCreateOption.EMPTY),
+            tags=tags,
+            opts=keep_data,
+        )
+
+        fqdn = public_ip.dns_settings.apply(lambda dns: dns.fqdn)
+        self.auth_token = credentials.auth_token(name, args, self)
+        public_key, self.ssh_private_key = credentials.ssh_key(name, args, self)
+        custom_data = pulumi.Output.all(fqdn, self.auth_token).apply(lambda values: self._custom_data(*values))
+
+        vm = compute.VirtualMachine(
+            f"{name}-vm",
+            resource_group_name=group.name,
+            hardware_profile=compute.HardwareProfileArgs(vm_size=args.vm_size),
+            os_profile=compute.OSProfileArgs(
+                computer_name="chroma",
+                admin_username=args.admin_username,
+                custom_data=pulumi.Output.secret(custom_data),
+                linux_configuration=compute.LinuxConfigurationArgs(
+                    disable_password_authentication=True,
+                    ssh=compute.SshConfigurationArgs(
+                        public_keys=[
+                            compute.SshPublicKeyArgs(
+                                path=f"/home/{args.admin_username}/.ssh/authorized_keys",
+                                key_data=public_key,
+                            )
+                        ]
+                    ),
+                ),
+            ),
+            storage_profile=compute.StorageProfileArgs(
+                image_reference=UBUNTU_2404,
+                disk_controller_type=compute.DiskControllerTypes.NV_ME if sizing.is_nvme_only(args.vm_size) else None,
+                os_disk=compute.OSDiskArgs(
+                    create_option=compute.DiskCreateOptionTypes.FROM_IMAGE,
+                    delete_option=compute.DiskDeleteOptionTypes.DELETE,
+                    caching=compute.CachingTypes.READ_WRITE,
+                    disk_size_gb=OS_DISK_SIZE_GB,
+                    managed_disk=compute.ManagedDiskParametersArgs(
+                        storage_account_type="Premium_LRS"
+                        if sizing.supports_premium_storage(args.vm_size)
+                        else "StandardSSD_LRS"
+                    ),
+                ),
+                data_disks=[
+                    compute.DataDiskArgs(
+                        lun=DATA_DISK_LUN,
+                        create_option=compute.DiskCreateOptionTypes.ATTACH,
+                        managed_disk=compute.ManagedDiskParametersArgs(id=data_disk.id),
+                        delete_option=compute.DiskDeleteOptionTypes.DETACH,
+                    )
+                ],
+            ),
+            network_profile=compute.NetworkProfileArgs(
+                network_interfaces=[compute.NetworkInterfaceReferenceArgs(id=nic.id, primary=True)]
+            ),
+            diagnostics_profile=compute.DiagnosticsProfileArgs(
+                boot_diagnostics=compute.BootDiagnosticsArgs(enabled=True)
+            ),
+            tags=tags,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # Azure cannot update custom data in place; the data disk and NIC can only
+                # attach to one VM, so the old VM goes first.
+                replace_on_changes=["osProfile.customData"],
+                delete_before_replace=True,
+            ),
+        )
+
+        self.fqdn = fqdn
+        self.public_ip = public_ip.ip_address.apply(lambda address: address or "")
+        self.endpoint = pulumi.Output.concat("https://", fqdn)
+        self.heartbeat_url = pulumi.Output.concat("https://", fqdn, HEARTBEAT_PATH)
+        self.data_disk_id = data_disk.id
+        self.vm_id = vm.id
+        self.ssh_command = self._ssh_command(fqdn) if args.ssh_enabled else None
+        self.register_outputs(
+            {
+                "endpoint": self.endpoint,
+                "heartbeatUrl": self.heartbeat_url,
+                "fqdn": self.fqdn,
+                "publicIp": self.public_ip,
+                "authToken": self.auth_token,
+                "dataDiskId": self.data_disk_id,
+                "vmId": self.vm_id,
+            }
+        )
+
+    def _security_rules(self) -> list[network.SecurityRuleArgs]:
+        def allow(rule_name: str, priority: int, port: str, sources: list[str], why: str) -> network.SecurityRuleArgs:
+            return network.SecurityRuleArgs(
+                name=rule_name,
+                description=why,
+                priority=priority,
+                direction=network.SecurityRuleDirection.INBOUND,
+                access=network.SecurityRuleAccess.ALLOW,
+                protocol=network.SecurityRuleProtocol.TCP,
+                source_address_prefixes=sources,
+                source_port_range="*",
+                destination_address_prefix="*",
+                destination_port_range=port,
+            )
+
+        settings = self._settings
+        rules = [
+            allow("allow-https", 100, "443", list(settings.allowed_cidrs), "Chroma clients, through the proxy"),
+            allow("allow-http", 110, "80", ["0.0.0.0/0"], "ACME HTTP-01 challenges and the redirect to HTTPS"),
+        ]
+        if settings.ssh_enabled:
+            rules.append(allow("allow-ssh", 120, "22", list(settings.ssh_allowed_cidrs), "SSH from sshAllowedCidrs"))
+        return rules
+
+    def _dns_label(self) -> pulumi.Input[str]:
+        if self._settings.dns_label:
+            return self._settings.dns_label
+        suffix = random.RandomString(
+            f"{self._name}-dns-suffix",
+            length=_LABEL_SUFFIX_LENGTH,
+            upper=False,
+            special=False,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        prefix = default_dns_label_prefix(pulumi.get_project(), pulumi.get_stack())
+        return pulumi.Output.concat(prefix, "-", suffix.result)
+
+    def _custom_data(self, fqdn: str, token: str) -> str:
+        settings = self._settings
+        cloud_config = render_cloud_config(
+            fqdn=fqdn,
+            chroma_version=settings.chroma_version,
+            auth_header=settings.auth_header,
+            token=token,
+            otel=settings.otel,
+            acme_email=settings.acme_email,
+        )
+        encoded = base64.b64encode(cloud_config.encode("utf-8")).decode("ascii")
+        if len(encoded) > MAX_CUSTOM_DATA_BYTES:
+            raise pulumi.RunError(
+                f"The VM's cloud-config is {len(encoded)} bytes in base64; Azure accepts {MAX_CUSTOM_DATA_BYTES}."
+            )
+        return encoded
+
+    def _ssh_command(self, fqdn: pulumi.Output[str]) -> pulumi.Output[str]:
+        user = self._settings.admin_username
+        if self.ssh_private_key is None:
+            return pulumi.Output.concat("ssh ", user, "@", fqdn)
+        key_file = f"{pulumi.get_stack()}-ssh.key"
+        # umask first: the key file is never readable by others, not even for a moment.
+        fetch_key = f"(umask 077 && pulumi stack output sshPrivateKey --show-secrets > {key_file})"
+        return pulumi.Output.concat(fetch_key, f" && ssh -i {key_file} ", user, "@", fqdn)

@@ -1,0 +1,133 @@
+"""The VM's cloud-config: the static base in cloud-init/ plus the files the VM runs.
+
+It is built as Python data and emitted with yaml.safe_dump; base64 happens only at the VM
+boundary, in the component.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from components import runtime
+from components.runtime import TEMPLATE_DIR, OtelSettings, ProxySite
+
+CONFIG_DIR = "/etc/chroma"
+DATA_MOUNT = "/srv/chroma"
+CHROMA_DATA_DIR = f"{DATA_MOUNT}/data"
+CADDY_DATA_DIR = f"{DATA_MOUNT}/caddy"
+COMPOSE_FILE = f"{CONFIG_DIR}/compose.yaml"
+CADDYFILE = f"{CONFIG_DIR}/Caddyfile"
+DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
+UNIT_DIR = "/etc/systemd/system"
+UNIT_FILES = ("chroma-data-disk.service", "srv-chroma.mount", "chroma.service")
+# Azure refuses custom data over this many bytes of base64.
+MAX_CUSTOM_DATA_BYTES = 65535
+
+
+def _healthcheck(test: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "test": list(test),
+        "interval": f"{runtime.HEALTHCHECK_INTERVAL_SECONDS}s",
+        "timeout": f"{runtime.HEALTHCHECK_TIMEOUT_SECONDS}s",
+        "retries": runtime.HEALTHCHECK_RETRIES,
+        "start_period": f"{runtime.HEALTHCHECK_START_PERIOD_SECONDS}s",
+    }
+
+
+def _escape_compose(value: Any) -> Any:
+    """Compose interpolates $; the values here are literal."""
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, list):
+        return [_escape_compose(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _escape_compose(item) for key, item in value.items()}
+    return value
+
+
+def _bind(source: str, target: str, read_only: bool = False) -> dict[str, Any]:
+    # create_host_path false: if the data disk is not mounted, the container fails to start
+    # instead of writing to an empty folder on the OS disk.
+    return {
+        "type": "bind",
+        "source": source,
+        "target": target,
+        "read_only": read_only,
+        "bind": {"create_host_path": False},
+    }
+
+
+def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
+    """Chroma on no host port, and Caddy on 80/443 in front of it."""
+    compose = {
+        "name": "chroma",
+        "services": {
+            "chroma": {
+                "image": runtime.chroma_image(chroma_version),
+                "restart": "unless-stopped",
+                "environment": runtime.chroma_env(otel),
+                "volumes": [_bind(CHROMA_DATA_DIR, "/data")],
+                "healthcheck": _healthcheck(runtime.CHROMA_HEALTHCHECK),
+            },
+            "proxy": {
+                "image": runtime.CADDY_IMAGE,
+                "restart": "unless-stopped",
+                "depends_on": {"chroma": {"condition": "service_healthy"}},
+                "ports": ["80:80", "443:443"],
+                "volumes": [
+                    _bind(CADDYFILE, "/etc/caddy/Caddyfile", read_only=True),
+                    _bind(CADDY_DATA_DIR, "/data"),
+                ],
+                "healthcheck": _healthcheck(runtime.PROXY_HEALTHCHECK),
+            },
+        },
+    }
+    return yaml.safe_dump(_escape_compose(compose), sort_keys=False)
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Writes multi-line strings as literal blocks, so the files read as themselves on the VM."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_LiteralDumper.add_representer(str, _represent_str)
+
+
+def _file(path: str, content: str, permissions: str) -> dict[str, str]:
+    return {"path": path, "content": content, "owner": "root:root", "permissions": permissions}
+
+
+def render_cloud_config(
+    *,
+    fqdn: str,
+    chroma_version: str,
+    auth_header: str,
+    token: str,
+    otel: OtelSettings | None,
+    acme_email: str | None,
+) -> str:
+    """The whole cloud-config for the VM, as text starting with #cloud-config."""
+    base = yaml.safe_load((TEMPLATE_DIR / "cloud-config.yaml").read_text(encoding="utf-8"))
+    caddyfile = runtime.render_caddyfile(ProxySite(site_address=fqdn), auth_header, token, acme_email)
+    # Both files hold secrets (the token; the OTel headers): root only.
+    files = [
+        _file(CADDYFILE, caddyfile, "0600"),
+        _file(COMPOSE_FILE, render_compose(chroma_version, otel), "0600"),
+        _file(DISK_SCRIPT, (TEMPLATE_DIR / "prepare-data-disk.sh").read_text(encoding="utf-8"), "0755"),
+    ]
+    files += [
+        _file(f"{UNIT_DIR}/{unit}", (TEMPLATE_DIR / unit).read_text(encoding="utf-8"), "0644") for unit in UNIT_FILES
+    ]
+    document = {**base, "write_files": files}
+    return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
+
+
+def write_files(cloud_config: str) -> dict[str, str]:
+    """Path -> content of the files a rendered cloud-config writes (for tests and the local stack)."""
+    return {entry["path"]: entry["content"] for entry in yaml.safe_load(cloud_config)["write_files"]}

@@ -1,0 +1,174 @@
+"""What runs beside Chroma, rendered once for every target.
+
+The proxy config, Chroma's environment, the images and the health checks come from here, so a
+change to token rules or to OpenTelemetry happens in one place. Targets differ only through the
+parameters of `ProxySite` (site address, TLS mode, upstream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
+
+CHROMA_PORT = 8000
+PROXY_HEALTH_PORT = 2020
+HEARTBEAT_PATH = "/api/v2/heartbeat"
+CADDY_IMAGE = "caddy:2.10.2"
+CHROMA_IMAGE_REPOSITORY = "chromadb/chroma"
+
+AUTHORIZATION = "Authorization"
+X_CHROMA_TOKEN = "X-Chroma-Token"  # noqa: S105 - a header name, not a secret
+AUTH_HEADERS = (AUTHORIZATION, X_CHROMA_TOKEN)
+
+# The Chroma image has bash but no curl: speak HTTP over bash's /dev/tcp and want a 200.
+CHROMA_HEALTHCHECK = (
+    "CMD",
+    "bash",
+    "-c",
+    f"exec 3<>/dev/tcp/127.0.0.1/{CHROMA_PORT}"
+    f" && printf 'GET {HEARTBEAT_PATH} HTTP/1.0\\r\\n\\r\\n' >&3"
+    " && read -r status <&3 && [[ $status == *' 200 '* ]]",
+)
+# Caddy's image is Alpine-based: busybox wget is there.
+PROXY_HEALTHCHECK = ("CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{PROXY_HEALTH_PORT}/healthz")
+HEALTHCHECK_INTERVAL_SECONDS = 10
+HEALTHCHECK_TIMEOUT_SECONDS = 5
+HEALTHCHECK_RETRIES = 6
+HEALTHCHECK_START_PERIOD_SECONDS = 30
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    autoescape=False,  # noqa: S701 - renders a Caddyfile, not HTML
+)
+
+
+@dataclass(frozen=True)
+class ProxySite:
+    """Where the proxy listens and how it does TLS: the only things targets may change."""
+
+    site_address: str
+    upstream: str = f"chroma:{CHROMA_PORT}"
+    tls_internal: bool = False
+
+
+# The crates Chroma 1.5's tracing filter lists, each at trace by default
+# (rust/tracing/src/init_tracer.rs). A filter given for one of them replaces its level.
+CHROMA_TRACING_CRATES = [
+    "chroma_blockstore",
+    "chroma_config",
+    "chroma_cache",
+    "chroma_distance",
+    "chroma_error",
+    "chroma_fault",
+    "chroma_frontend",
+    "chroma_index",
+    "chroma_log",
+    "chroma_log_service",
+    "chroma_memberlist",
+    "chroma_metering",
+    "chroma_metering_macros",
+    "chroma_segment",
+    "chroma_sqlite",
+    "chroma_storage",
+    "chroma_sysdb",
+    "chroma_system",
+    "chroma_test",
+    "chroma_tracing",
+    "chroma_types",
+    "compaction_service",
+    "distance_metrics",
+    "full_text",
+    "metadata_filtering",
+    "query_service",
+    "s3heap",
+    "s3heap_service",
+    "wal3",
+    "worker",
+]
+# The per-request span ("POST /api/v2/...") comes from chroma_tracing at DEBUG.
+REQUEST_SPAN_CRATE = "chroma_tracing"
+# Chroma 0.x granularities, as 1.x filter levels for every other crate. "all" is Chroma's
+# default (no filters); "none" means no OpenTelemetry at all.
+GRANULARITY_LEVELS = {"operation": "error", "operation_and_segment": "info", "all": None}
+GRANULARITIES = ("none", *GRANULARITY_LEVELS)
+# Spans are batched; Chroma does not flush on shutdown, so export every second, not every five.
+OTEL_BATCH_DELAY_MS = "1000"
+
+
+@dataclass(frozen=True)
+class OtelSettings:
+    """OpenTelemetry export as Chroma 1.x honours it."""
+
+    endpoint: str
+    service_name: str
+    headers: str | None = None
+    granularity: str | None = None
+
+
+def chroma_image(chroma_version: str) -> str:
+    """The pinned Chroma image for a version tag."""
+    return f"{CHROMA_IMAGE_REPOSITORY}:{chroma_version}"
+
+
+def auth_value(auth_header: str, token: str) -> str:
+    """The exact header value a client sends: `Bearer T` for Authorization, else the token."""
+    return f"Bearer {token}" if auth_header == AUTHORIZATION else token
+
+
+def render_caddyfile(
+    site: ProxySite,
+    auth_header: str,
+    token: str,
+    acme_email: str | None = None,
+) -> str:
+    """The proxy config: TLS, the open heartbeat, the token check, 401 for the rest."""
+    if auth_header not in AUTH_HEADERS:
+        raise ValueError(f"auth_header must be one of {AUTH_HEADERS}, not {auth_header!r}")
+    if not token:
+        raise ValueError("an empty token would let every request through")
+    challenge = 'Bearer realm="chroma"' if auth_header == AUTHORIZATION else "Token"
+    return _TEMPLATES.get_template("Caddyfile.j2").render(
+        site_address=site.site_address,
+        upstream=site.upstream,
+        tls_internal=site.tls_internal,
+        acme_email=acme_email,
+        heartbeat_path=HEARTBEAT_PATH,
+        auth_header=auth_header,
+        auth_value=auth_value(auth_header, token),
+        challenge=challenge.replace('"', '\\"'),
+        health_port=PROXY_HEALTH_PORT,
+    )
+
+
+def chroma_env(otel: OtelSettings | None) -> dict[str, str]:
+    """Chroma's environment. Empty without an endpoint: an empty endpoint makes Chroma panic."""
+    if otel is None or not otel.endpoint:
+        return {}
+    env = {
+        "CHROMA_OPEN_TELEMETRY__ENDPOINT": otel.endpoint,
+        "CHROMA_OPEN_TELEMETRY__SERVICE_NAME": otel.service_name,
+    }
+    if otel.headers:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = otel.headers
+    level = GRANULARITY_LEVELS.get(otel.granularity or "all")
+    if level:
+        env["CHROMA_OPEN_TELEMETRY__FILTERS"] = otel_filters(level)
+    env["OTEL_BSP_SCHEDULE_DELAY"] = OTEL_BATCH_DELAY_MS
+    return env
+
+
+def otel_filters(level: str) -> str:
+    """Chroma's `open_telemetry.filters` in the env syntax its config loader (figment) parses."""
+    filters = [
+        f"{{crate_name={crate},filter_level={'debug' if crate == REQUEST_SPAN_CRATE else level}}}"
+        for crate in CHROMA_TRACING_CRATES
+    ]
+    return "[" + ",".join(filters) + "]"

@@ -1,0 +1,207 @@
+"""The one Mocks class, and a runner for the real __main__.py under a stack file's config.
+
+Runs use preview=False: in preview, outputs the mock does not return are unknown, apply
+callbacks are skipped, and assertions would check nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+import yaml
+from pulumi.runtime import rpc
+from pulumi.runtime import settings as pulumi_settings
+from pulumi.runtime.mocks import MockMonitor
+from pulumi.runtime.stack import run_in_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "chroma-infra"
+MOCK_IP = "203.0.113.10"
+MOCK_REGION = "mockregion"
+MOCK_TOKEN = "MockGeneratedToken0123456789abcdefghijKL"
+MOCK_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nmock\n-----END OPENSSH PRIVATE KEY-----\n"
+MOCK_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockGeneratedKey generated"
+
+
+@dataclass
+class Registered:
+    """One resource as the engine saw it: its inputs and the options that matter for policy."""
+
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    parent: str
+    protect: bool
+    delete_before_replace: bool
+    replace_on_changes: list[str]
+
+
+class Mocks(pulumi.runtime.Mocks):
+    """Echoes inputs and fills in what the providers compute; values differ from any config."""
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        outputs = {**args.inputs, "name": args.name}
+        if args.typ == "azure-native:network:PublicIPAddress":
+            dns = args.inputs.get("dnsSettings", {})
+            outputs["ipAddress"] = MOCK_IP
+            outputs["dnsSettings"] = {**dns, "fqdn": f"{dns.get('domainNameLabel')}.{MOCK_REGION}.cloudapp.azure.com"}
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            outputs["result"] = MOCK_TOKEN[: int(args.inputs["length"])]
+        elif args.typ == "random:index/randomString:RandomString":
+            outputs["result"] = "q7x2k9"[: int(args.inputs["length"])]
+        elif args.typ == "tls:index/privateKey:PrivateKey":
+            outputs["publicKeyOpenssh"] = MOCK_PUBLIC_KEY
+            outputs["privateKeyOpenssh"] = MOCK_PRIVATE_KEY
+        return f"/mock/{args.name}", outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], None]:
+        return {}, None
+
+
+class RecordingMonitor(MockMonitor):
+    """The SDK's mock monitor, also keeping each resource's options."""
+
+    def __init__(self, mocks: Mocks) -> None:
+        super().__init__(mocks)
+        self.registered: list[Registered] = []
+
+    def RegisterResource(self, request):  # noqa: N802 - the gRPC method name
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.registered.append(
+                Registered(
+                    type=request.type,
+                    name=request.name,
+                    inputs=self.resources[response.urn].state if request.custom else {},
+                    parent=request.parent,
+                    protect=request.protect,
+                    delete_before_replace=request.deleteBeforeReplace,
+                    replace_on_changes=list(request.replaceOnChanges),
+                )
+            )
+        return response
+
+
+@dataclass
+class ProgramRun:
+    """What one run of __main__.py registered and exported."""
+
+    resources: list[Registered]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: set[str] = field(default_factory=set)
+
+    def of_type(self, type_token: str) -> list[Registered]:
+        return [resource for resource in self.resources if resource.type == type_token]
+
+    def one(self, type_token: str) -> Registered:
+        found = self.of_type(type_token)
+        assert len(found) == 1, f"expected one {type_token}, found {len(found)}"
+        return found[0]
+
+
+def stack_config(stack: str) -> dict[str, str]:
+    """A stack file's config, as the CLI would pass it: full keys, every value a string."""
+    document = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text(encoding="utf-8"))
+    return {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in (document.get("config") or {}).items()
+    }
+
+
+def run_program(stack: str, overrides: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()) -> ProgramRun:
+    """Runs the real __main__.py with Pulumi.<stack>.yaml plus overrides (short keys, project namespace)."""
+    config = stack_config(stack)
+    for key, value in (overrides or {}).items():
+        full_key = key if ":" in key else f"{PROJECT}:{key}"
+        if value is None:
+            config.pop(full_key, None)
+        else:
+            config[full_key] = value if isinstance(value, str) else json.dumps(value)
+    secret_keys = [key if ":" in key else f"{PROJECT}:{key}" for key in secrets]
+    environment = {"PULUMI_CONFIG": json.dumps(config), "PULUMI_CONFIG_SECRET_KEYS": json.dumps(secret_keys)}
+    previous = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    monitor = RecordingMonitor(Mocks())
+    captured: dict[str, Any] = {}
+
+    def program() -> None:
+        captured["stack"] = pulumi_settings.get_root_resource()
+        runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+
+    try:
+        # What Pulumi's Python launcher does before it runs the program.
+        pulumi.runtime.set_all_config(config, secret_keys)
+        pulumi_settings.set_root_resource(None)
+        pulumi.runtime.set_mocks(Mocks(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+        pulumi_settings.set_root_resource(None)
+        loop.run_until_complete(run_in_stack(program))
+        run = ProgramRun(resources=monitor.registered)
+
+        async def resolve() -> None:
+            for name, value in captured["stack"].outputs.items():
+                output = pulumi.Output.from_input(value)
+                run.outputs[name] = await output.future()
+                if await output.is_secret():
+                    run.secret_outputs.add(name)
+
+        loop.run_until_complete(resolve())
+        return run
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def is_secret_input(value: Any) -> bool:
+    """A secret input reaches the mock wrapped in Pulumi's secret signature object."""
+    return isinstance(value, dict) and value.get(rpc._special_sig_key) == rpc._special_secret_sig
+
+
+def plain(value: Any) -> Any:
+    """The value with every secret wrapper removed, at any depth."""
+    if is_secret_input(value):
+        return plain(value["value"])
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def dev_run() -> ProgramRun:
+    """The dev stack exactly as committed."""
+    return run_program("dev")
+
+
+_skipped_in_ci: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remembers skips: CI installs every tool, so there a skip means something is missing."""
+    if report.skipped and os.environ.get("CI") == "true":
+        _skipped_in_ci.append(report.nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fails a CI run that skipped anything."""
+    if _skipped_in_ci and session.exitstatus == pytest.ExitCode.OK:
+        print(f"\nCI=true and {len(_skipped_in_ci)} test(s) skipped; in CI a skip is a failure:")
+        for nodeid in _skipped_in_ci:
+            print(f"  {nodeid}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,185 @@
+"""The VM's rendered cloud-config: valid for cloud-init old and new, and carrying the right files."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from components import cloud_config, runtime
+from components.runtime import OtelSettings
+
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "cloud-config-v1.json"
+FQDN = "chroma-test.westeurope.cloudapp.azure.com"
+TOKEN = "RenderTestToken0123456789abcdefghij"
+OTEL = OtelSettings("http://collector.example.com:4317", "chroma-test", "x-team=abc,x-env=prod")
+
+
+def render(otel=None, auth_header="Authorization", acme_email=None):
+    return cloud_config.render_cloud_config(
+        fqdn=FQDN, chroma_version="1.5.9", auth_header=auth_header, token=TOKEN, otel=otel, acme_email=acme_email
+    )
+
+
+def compose_of(text):
+    return yaml.safe_load(cloud_config.write_files(text)[cloud_config.COMPOSE_FILE])
+
+
+@pytest.fixture(params=["no-otel", "otel"], scope="module")
+def rendered(request):
+    return render(otel=OTEL if request.param == "otel" else None, acme_email="ops@example.com")
+
+
+def test_real_cloud_init_accepts_it(rendered, tmp_path):
+    cloud_init = shutil.which("cloud-init")
+    if cloud_init is None:
+        pytest.skip("cloud-init is not installed (apt-get install cloud-init); .ci/run installs it")
+    path = tmp_path / "user-data.yaml"
+    path.write_text(rendered, encoding="utf-8")
+    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid" in result.stdout
+
+
+def test_cloud_init_26_schema_accepts_it(rendered):
+    validator = jsonschema.Draft4Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    errors = [f"{list(error.path)}: {error.message}" for error in validator.iter_errors(yaml.safe_load(rendered))]
+    assert errors == []
+
+
+def test_the_stricter_schema_catches_a_misspelt_module(rendered):
+    document = yaml.safe_load(rendered)
+    document["write_file"] = document.pop("write_files")
+    validator = jsonschema.Draft4Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    assert any("write_file" in error.message for error in validator.iter_errors(document))
+
+
+def test_fits_azure_custom_data(rendered):
+    import base64
+
+    assert len(base64.b64encode(rendered.encode())) <= cloud_config.MAX_CUSTOM_DATA_BYTES
+
+
+def test_docker_comes_from_ubuntu_packages_not_a_piped_script(rendered):
+    document = yaml.safe_load(rendered)
+    assert {"docker.io", "docker-compose-v2"} <= set(document["packages"])
+    assert "curl" not in rendered
+    assert "| sh" not in rendered
+    assert "|sh" not in rendered
+
+
+def test_runcmd_only_starts_the_unit(rendered):
+    assert yaml.safe_load(rendered)["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
+
+
+def test_secret_files_are_root_only(rendered):
+    modes = {entry["path"]: entry["permissions"] for entry in yaml.safe_load(rendered)["write_files"]}
+    assert modes[cloud_config.CADDYFILE] == "0600"
+    assert modes[cloud_config.COMPOSE_FILE] == "0600"
+    assert modes[cloud_config.DISK_SCRIPT] == "0755"
+
+
+def test_files_are_shipped_verbatim_from_cloud_init_dir(rendered):
+    files = cloud_config.write_files(rendered)
+    for unit in cloud_config.UNIT_FILES:
+        assert files[f"{cloud_config.UNIT_DIR}/{unit}"] == (runtime.TEMPLATE_DIR / unit).read_text()
+    assert files[cloud_config.DISK_SCRIPT] == (runtime.TEMPLATE_DIR / "prepare-data-disk.sh").read_text()
+
+
+def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
+    chroma = compose_of(rendered)["services"]["chroma"]
+    assert "ports" not in chroma
+    assert "network_mode" not in chroma
+    (volume,) = chroma["volumes"]
+    assert volume["source"] == cloud_config.CHROMA_DATA_DIR
+    assert volume["target"] == "/data"
+    assert volume["source"].startswith(cloud_config.DATA_MOUNT + "/")
+    assert volume["bind"]["create_host_path"] is False, "an unmounted disk must not become an OS-disk folder"
+    assert chroma["image"] == "chromadb/chroma:1.5.9"
+
+
+def test_proxy_publishes_only_http_and_https(rendered):
+    proxy = compose_of(rendered)["services"]["proxy"]
+    assert proxy["ports"] == ["80:80", "443:443"]
+    assert proxy["image"] == runtime.CADDY_IMAGE
+    assert ":" in proxy["image"]
+    assert not proxy["image"].endswith(":latest")
+    assert proxy["depends_on"] == {"chroma": {"condition": "service_healthy"}}
+
+
+def test_containers_restart_and_health_checks_need_no_curl(rendered):
+    for name, service in compose_of(rendered)["services"].items():
+        assert service["restart"] == "unless-stopped", name
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        assert "curl" not in " ".join(test), name
+
+
+def test_compose_dollars_are_escaped_so_compose_does_not_interpolate(rendered):
+    test = compose_of(rendered)["services"]["chroma"]["healthcheck"]["test"]
+    assert "$$status" in test[-1]
+    assert [part.replace("$$", "$") for part in test] == list(runtime.CHROMA_HEALTHCHECK)
+
+
+def test_no_otel_endpoint_means_no_otel_variable_at_all():
+    environment = compose_of(render(otel=None))["services"]["chroma"]["environment"]
+    assert environment == {}
+    assert "OPEN_TELEMETRY" not in render(otel=None)
+    assert "OTEL_" not in render(otel=None)
+
+
+def test_otel_uses_the_names_chroma_1x_honours():
+    environment = compose_of(render(otel=OTEL))["services"]["chroma"]["environment"]
+    assert environment == {
+        "CHROMA_OPEN_TELEMETRY__ENDPOINT": "http://collector.example.com:4317",
+        "CHROMA_OPEN_TELEMETRY__SERVICE_NAME": "chroma-test",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-team=abc,x-env=prod",
+        "OTEL_BSP_SCHEDULE_DELAY": runtime.OTEL_BATCH_DELAY_MS,
+    }
+    assert "CHROMA_OTEL_" not in render(otel=OTEL)
+
+
+@pytest.mark.parametrize(("granularity", "level"), [("operation", "error"), ("operation_and_segment", "info")])
+def test_granularity_becomes_chroma_1x_filters(granularity, level):
+    otel = OtelSettings("http://collector.example.com:4317", "chroma", granularity=granularity)
+    filters = runtime.chroma_env(otel)["CHROMA_OPEN_TELEMETRY__FILTERS"]
+    assert filters.startswith("[{crate_name=")
+    assert filters.endswith("}]")
+    assert "{crate_name=chroma_tracing,filter_level=debug}" in filters, "the per-request spans stay"
+    assert f"{{crate_name=chroma_frontend,filter_level={level}}}" in filters
+    assert filters.count("crate_name=") == len(runtime.CHROMA_TRACING_CRATES)
+
+
+def test_granularity_all_keeps_chromas_default():
+    otel = OtelSettings("http://collector.example.com:4317", "chroma", granularity="all")
+    assert "CHROMA_OPEN_TELEMETRY__FILTERS" not in runtime.chroma_env(otel)
+
+
+@pytest.mark.parametrize(
+    ("auth_header", "matcher"),
+    [
+        ("Authorization", f'header Authorization "Bearer {TOKEN}"'),
+        ("X-Chroma-Token", f'header X-Chroma-Token "{TOKEN}"'),
+    ],
+)
+def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header, matcher):
+    caddyfile = cloud_config.write_files(render(auth_header=auth_header))[cloud_config.CADDYFILE]
+    assert f"\n{FQDN} {{\n" in caddyfile
+    assert matcher in caddyfile
+    assert "tls internal" not in caddyfile
+    assert "auto_https off" not in caddyfile
+    assert "reverse_proxy chroma:8000" in caddyfile
+    assert 'respond "Unauthorized" 401' in caddyfile
+
+
+def test_acme_email_reaches_caddy_only_when_set():
+    assert "email ops@example.com" in render(acme_email="ops@example.com")
+    assert "email " not in cloud_config.write_files(render())[cloud_config.CADDYFILE]
+
+
+def test_empty_token_is_never_rendered():
+    with pytest.raises(ValueError, match="empty token"):
+        runtime.render_caddyfile(runtime.ProxySite(FQDN), "Authorization", "")
