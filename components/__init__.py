@@ -1,0 +1,1 @@
+"""Pulumi components and the pure modules they are built from (settings, sizing, rendering)."""
