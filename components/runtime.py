@@ -52,11 +52,18 @@ _TEMPLATES = jinja2.Environment(
 
 @dataclass(frozen=True)
 class ProxySite:
-    """Where the proxy listens and how it does TLS: the only things targets may change."""
+    """Where the proxy listens and how it does TLS: the only things targets (and tests) change.
+
+    The ports and bind address are for running on loopback, where 80 and 443 are not ours.
+    """
 
     site_address: str
     upstream: str = f"chroma:{CHROMA_PORT}"
     tls_internal: bool = False
+    http_port: int | None = None
+    https_port: int | None = None
+    bind_address: str | None = None
+    health_port: int = PROXY_HEALTH_PORT
 
 
 # The crates Chroma 1.5's tracing filter lists, each at trace by default
@@ -136,15 +143,12 @@ def render_caddyfile(
         raise ValueError("an empty token would let every request through")
     challenge = 'Bearer realm="chroma"' if auth_header == AUTHORIZATION else "Token"
     return _TEMPLATES.get_template("Caddyfile.j2").render(
-        site_address=site.site_address,
-        upstream=site.upstream,
-        tls_internal=site.tls_internal,
+        site=site,
         acme_email=acme_email,
         heartbeat_path=HEARTBEAT_PATH,
         auth_header=auth_header,
         auth_value=auth_value(auth_header, token),
         challenge=challenge.replace('"', '\\"'),
-        health_port=PROXY_HEALTH_PORT,
     )
 
 

@@ -89,7 +89,13 @@ def shown_default(spec):
     default = spec.get("default")
     if default in (None, "", []):
         return "(unset)" if "default" in spec else "(required)"
-    return ", ".join(default) if isinstance(default, list) else str(default).lower() if isinstance(default, bool) else str(default)
+    return (
+        ", ".join(default)
+        if isinstance(default, list)
+        else str(default).lower()
+        if isinstance(default, bool)
+        else str(default)
+    )
 
 
 def test_readme_config_table_matches_pulumi_yaml():
