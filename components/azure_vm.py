@@ -1,9 +1,9 @@
 """`ChromaAzureVm`: Chroma on an Ubuntu 24.04 VM behind Caddy, with its data on a managed disk.
 
 The data disk is a separate resource in its own resource group, attached at LUN 0 with delete
-option Detach and protected by default, so replacing or deleting the VM never deletes the data. Only 443 (from allowedCidrs),
-80 (ACME challenges and the redirect) and, when asked, 22 are open; Chroma's port is published on
-no host port at all.
+option Detach and protected by default, so replacing or deleting the VM never deletes the data.
+Only 443 (from allowedCidrs), 80 (ACME challenges and the redirect) and, when asked, 22 are open;
+Chroma's port is published on no host port at all.
 """
 
 from __future__ import annotations

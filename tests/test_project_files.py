@@ -86,16 +86,13 @@ def readme_config_table():
 
 
 def shown_default(spec):
+    """How README's config table shows a declared default."""
     default = spec.get("default")
     if default in (None, "", []):
         return "(unset)" if "default" in spec else "(required)"
-    return (
-        ", ".join(default)
-        if isinstance(default, list)
-        else str(default).lower()
-        if isinstance(default, bool)
-        else str(default)
-    )
+    if isinstance(default, list):
+        return ", ".join(default)
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def test_readme_config_table_matches_pulumi_yaml():
@@ -120,7 +117,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def shell_scripts():
-    scripts = sorted(ROOT.glob("**/*.sh")) + [ROOT / ".ci" / "run"]
+    scripts = [*sorted(ROOT.glob("**/*.sh")), ROOT / ".ci" / "run"]
     return [path for path in scripts if ".venv" not in path.parts]
 
 
