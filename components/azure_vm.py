@@ -202,6 +202,24 @@ class ChromaAzureVm(pulumi.ComponentResource):
             }
         )
 
+    def exports(self) -> dict[str, pulumi.Input[str]]:
+        """Stack outputs: what a client (and the smoke test) needs to connect."""
+        outputs: dict[str, pulumi.Input[str]] = {
+            "endpoint": self.endpoint,
+            "heartbeatUrl": self.heartbeat_url,
+            "fqdn": self.fqdn,
+            "publicIp": self.public_ip,
+            "authHeader": self._settings.auth_header,
+            "authToken": self.auth_token,
+            "chromaVersion": self._settings.chroma_version,
+            "dataDiskId": self.data_disk_id,
+        }
+        if self.ssh_command is not None:
+            outputs["sshCommand"] = self.ssh_command
+        if self.ssh_private_key is not None:
+            outputs["sshPrivateKey"] = self.ssh_private_key
+        return outputs
+
     def _security_rules(self) -> list[network.SecurityRuleArgs]:
         def allow(rule_name: str, priority: int, port: str, sources: list[str], why: str) -> network.SecurityRuleArgs:
             return network.SecurityRuleArgs(

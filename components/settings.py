@@ -116,6 +116,7 @@ class Settings:
     allowed_cidrs: tuple[str, ...]
     dns_label: str | None
     acme_email: str | None
+    host_port: int
     location: str | None
 
     @property
@@ -462,6 +463,7 @@ def load_settings(
         acme_email=_optional_match(
             reader, "acmeEmail", _EMAIL, "is not an email address. Fix: pulumi config set acmeEmail ops@example.com."
         ),
+        host_port=reader.integer("hostPort", minimum=1, maximum=65535),
         location=location,
     )
     if reader.problems:

@@ -42,13 +42,14 @@ class Registered:
     protect: bool
     delete_before_replace: bool
     replace_on_changes: list[str]
+    retain_on_delete: bool
 
 
 class Mocks(pulumi.runtime.Mocks):
     """Echoes inputs and fills in what the providers compute; values differ from any config."""
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        outputs = {**args.inputs, "name": args.name}
+        outputs = {"name": args.name, **args.inputs}
         if args.typ == "azure-native:network:PublicIPAddress":
             dns = args.inputs.get("dnsSettings", {})
             outputs["ipAddress"] = MOCK_IP
@@ -57,6 +58,8 @@ class Mocks(pulumi.runtime.Mocks):
             outputs["result"] = MOCK_TOKEN[: int(args.inputs["length"])]
         elif args.typ == "random:index/randomString:RandomString":
             outputs["result"] = "q7x2k9"[: int(args.inputs["length"])]
+        elif args.typ == "docker:index/remoteImage:RemoteImage":
+            outputs["imageId"] = f"sha256:mock-{args.inputs['name']}"
         elif args.typ == "tls:index/privateKey:PrivateKey":
             outputs["publicKeyOpenssh"] = MOCK_PUBLIC_KEY
             outputs["privateKeyOpenssh"] = MOCK_PRIVATE_KEY
@@ -85,6 +88,7 @@ class RecordingMonitor(MockMonitor):
                     protect=request.protect,
                     delete_before_replace=request.deleteBeforeReplace,
                     replace_on_changes=list(request.replaceOnChanges),
+                    retain_on_delete=request.retainOnDelete,
                 )
             )
         return response

@@ -1,0 +1,155 @@
+"""The real __main__.py under Pulumi.local.yaml, with mocks (preview=False): containers, ports, exports."""
+
+import difflib
+
+import pytest
+from conftest import MOCK_TOKEN, is_secret_input, plain, run_program
+
+from components import cloud_config, runtime
+from components.local_docker import LOCAL_SITE, PROXY_CONTAINER_PORT
+from components.runtime import ProxySite
+
+CONTAINER = "docker:index/container:Container"
+COMPONENT = "chroma-infra:local:ChromaLocalDocker"
+
+
+@pytest.fixture(scope="module")
+def local_run():
+    return run_program("local")
+
+
+def containers(run):
+    return {resource.name: resource for resource in run.of_type(CONTAINER)}
+
+
+def uploaded_caddyfile(run):
+    proxy = plain(containers(run)["chroma-proxy"].inputs)
+    (upload,) = proxy["uploads"]
+    assert upload["file"] == "/etc/caddy/Caddyfile"
+    return upload["content"]
+
+
+def test_only_local_resources_under_the_component(local_run):
+    assert not [resource for resource in local_run.resources if resource.type.startswith("azure-native:")]
+    local_run.one(COMPONENT)
+    for resource in local_run.resources:
+        if resource.type != COMPONENT:
+            assert resource.parent.endswith(f"{COMPONENT}::chroma"), f"{resource.name} is not parented"
+    assert sorted(resource.type for resource in local_run.resources if resource.type.startswith("docker:")) == [
+        "docker:index/container:Container",
+        "docker:index/container:Container",
+        "docker:index/network:Network",
+        "docker:index/remoteImage:RemoteImage",
+        "docker:index/remoteImage:RemoteImage",
+        "docker:index/volume:Volume",
+    ]
+
+
+def test_images_are_the_pinned_tags(local_run):
+    images = {resource.inputs["name"] for resource in local_run.of_type("docker:index/remoteImage:RemoteImage")}
+    assert images == {"chromadb/chroma:1.5.9", runtime.CADDY_IMAGE}
+    by_name = containers(local_run)
+    assert by_name["chroma-chroma"].inputs["image"] == "sha256:mock-chromadb/chroma:1.5.9"
+    assert by_name["chroma-proxy"].inputs["image"] == f"sha256:mock-{runtime.CADDY_IMAGE}"
+
+
+def test_chroma_is_unpublished_with_its_data_in_the_named_volume(local_run):
+    chroma = plain(containers(local_run)["chroma-chroma"].inputs)
+    assert "ports" not in chroma, "Chroma must only be reachable through the proxy"
+    (volume,) = chroma["volumes"]
+    assert volume == {"volumeName": "chroma-infra-local-data", "containerPath": "/data"}
+    assert chroma["networksAdvanced"][0]["aliases"] == ["chroma"], "the proxy's upstream is chroma:8000"
+
+
+def test_proxy_is_published_on_loopback_only(local_run):
+    (port,) = plain(containers(local_run)["chroma-proxy"].inputs)["ports"]
+    assert port["ip"] == "127.0.0.1"
+    assert port["external"] == 8000
+    assert port["internal"] == PROXY_CONTAINER_PORT
+
+
+def test_host_port_is_configurable():
+    run = run_program("local", {"hostPort": "18123"})
+    (port,) = plain(containers(run)["chroma-proxy"].inputs)["ports"]
+    assert port["external"] == 18123
+    assert run.outputs["endpoint"] == "http://127.0.0.1:18123"
+
+
+def test_health_checks_need_no_curl_and_containers_restart_and_are_waited_for(local_run):
+    for name, container in containers(local_run).items():
+        inputs = container.inputs
+        assert inputs["restart"] == "unless-stopped", name
+        assert inputs["wait"] is True, f"{name}: pulumi up must wait until it is healthy"
+        assert inputs["waitTimeout"] >= 60, name
+        tests = inputs["healthcheck"]["tests"]
+        assert tests[0] == "CMD", name
+        assert "curl" not in " ".join(tests), name
+    by_name = containers(local_run)
+    assert tuple(by_name["chroma-chroma"].inputs["healthcheck"]["tests"]) == runtime.CHROMA_HEALTHCHECK
+    assert tuple(by_name["chroma-proxy"].inputs["healthcheck"]["tests"]) == runtime.PROXY_HEALTHCHECK
+
+
+def test_no_otel_env_without_an_endpoint(local_run):
+    assert not plain(containers(local_run)["chroma-chroma"].inputs).get("envs")
+
+
+def test_otel_env_is_the_vms_and_secret_with_headers():
+    run = run_program(
+        "local", {"otelEndpoint": "http://host.docker.internal:4317", "otelHeaders": "x-k=v"}, ("otelHeaders",)
+    )
+    envs = containers(run)["chroma-chroma"].inputs["envs"]
+    assert is_secret_input(envs), "the exporter headers are a secret"
+    assert sorted(plain(envs)) == sorted(
+        f"{key}={value}"
+        for key, value in runtime.chroma_env(
+            runtime.OtelSettings("http://host.docker.internal:4317", "chromadb", "x-k=v")
+        ).items()
+    )
+
+
+def test_caddyfile_upload_is_secret_and_uses_the_token(local_run):
+    proxy = containers(local_run)["chroma-proxy"].inputs
+    assert is_secret_input(proxy["uploads"]), "the Caddyfile carries the token"
+    assert f'header Authorization "Bearer {MOCK_TOKEN}"' in uploaded_caddyfile(local_run)
+
+
+def test_local_caddyfile_is_the_vms_but_for_the_declared_parameters(local_run, dev_run):
+    local = uploaded_caddyfile(local_run)
+    vm = cloud_config.write_files(
+        __import__("base64")
+        .b64decode(plain(dev_run.one("azure-native:compute:VirtualMachine").inputs)["osProfile"]["customData"])
+        .decode()
+    )[cloud_config.CADDYFILE]
+    # Same renderer, same inputs: swapping only the ProxySite turns one into the other, byte for byte.
+    assert runtime.render_caddyfile(LOCAL_SITE, "Authorization", MOCK_TOKEN) == local
+    assert runtime.render_caddyfile(ProxySite(site_address=dev_run.outputs["fqdn"]), "Authorization", MOCK_TOKEN) == vm
+    changed = [line for line in difflib.ndiff(vm.splitlines(), local.splitlines()) if line[:1] in "+-"]
+    assert changed == [f"- {dev_run.outputs['fqdn']} {{", f"+ {LOCAL_SITE.site_address} {{"]
+
+
+def test_exports_match_the_azure_names(local_run, dev_run):
+    assert local_run.outputs["endpoint"] == "http://127.0.0.1:8000"
+    assert local_run.outputs["heartbeatUrl"] == "http://127.0.0.1:8000/api/v2/heartbeat"
+    assert local_run.outputs["authHeader"] == "Authorization"
+    assert local_run.outputs["authToken"] == MOCK_TOKEN
+    assert local_run.outputs["chromaVersion"] == "1.5.9"
+    assert local_run.outputs["dataVolume"] == "chroma-infra-local-data"
+    shared = {"endpoint", "heartbeatUrl", "authHeader", "authToken", "chromaVersion"}
+    assert shared <= set(local_run.outputs)
+    assert shared <= set(dev_run.outputs)
+    assert local_run.secret_outputs == {"authToken"}
+
+
+def test_volume_is_kept_on_destroy_unless_unprotected(local_run):
+    volume = local_run.one("docker:index/volume:Volume")
+    assert volume.inputs["name"] == "chroma-infra-local-data", "a fixed name lets the next up find the data"
+    assert volume.retain_on_delete, "protectDataDisk (default true) keeps the volume when the stack is destroyed"
+    assert not run_program("local", {"protectDataDisk": "false"}).one("docker:index/volume:Volume").retain_on_delete
+
+
+def test_configured_token_is_used_and_nothing_is_generated():
+    token = "Local-Configured-Token-0123456789"
+    run = run_program("local", {"authToken": token, "authHeader": "X-Chroma-Token"}, ("authToken",))
+    assert not run.of_type("random:index/randomPassword:RandomPassword")
+    assert f'header X-Chroma-Token "{token}"' in uploaded_caddyfile(run)
+    assert run.outputs["authHeader"] == "X-Chroma-Token"
