@@ -335,7 +335,8 @@ def _check_ram(reader: _Reader, vm_size: str, memory: float, embeddings: int, di
         "vmSize",
         vm_size,
         f"has {memory:g} GiB of RAM; {embeddings:,} embeddings of {dimensions} dimensions need "
-        f"{required:.1f} GiB (Chroma needs at least {sizing.MIN_MEMORY_GIB:g} GiB). "
+        f"{required:.1f} GiB (Chroma needs at least {sizing.MIN_MEMORY_GIB:g} GiB), and it holds about "
+        f"{sizing.max_embeddings(memory, dimensions):,}. "
         f"Fix: pulumi config set vmSize <size>; the smallest that fit are {fitting or 'none in the catalog'}.",
     )
 
