@@ -22,6 +22,9 @@ CADDYFILE = f"{CONFIG_DIR}/Caddyfile"
 DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
 UNIT_DIR = "/etc/systemd/system"
 UNIT_FILES = ("chroma-data-disk.service", "srv-chroma.mount", "chroma.service")
+# `systemd-escape --path --suffix=device /dev/disk/by-label/chroma-data`: the mount's device.
+DATA_DEVICE_UNIT = r"dev-disk-by\x2dlabel-chroma\x2ddata.device"
+DEVICE_TIMEOUT_DROP_IN = f"{UNIT_DIR}/{DATA_DEVICE_UNIT}.d/timeout.conf"
 # Azure refuses custom data over this many bytes of base64.
 MAX_CUSTOM_DATA_BYTES = 65535
 
@@ -124,6 +127,13 @@ def render_cloud_config(
     files += [
         _file(f"{UNIT_DIR}/{unit}", (TEMPLATE_DIR / unit).read_text(encoding="utf-8"), "0644") for unit in UNIT_FILES
     ]
+    files.append(
+        _file(
+            DEVICE_TIMEOUT_DROP_IN,
+            (TEMPLATE_DIR / "chroma-data-device-timeout.conf").read_text(encoding="utf-8"),
+            "0644",
+        )
+    )
     document = {**base, "write_files": files}
     return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)
 

@@ -87,6 +87,8 @@ def test_files_are_shipped_verbatim_from_cloud_init_dir(rendered):
     for unit in cloud_config.UNIT_FILES:
         assert files[f"{cloud_config.UNIT_DIR}/{unit}"] == (runtime.TEMPLATE_DIR / unit).read_text()
     assert files[cloud_config.DISK_SCRIPT] == (runtime.TEMPLATE_DIR / "prepare-data-disk.sh").read_text()
+    drop_in = (runtime.TEMPLATE_DIR / "chroma-data-device-timeout.conf").read_text()
+    assert files[cloud_config.DEVICE_TIMEOUT_DROP_IN] == drop_in
 
 
 def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
