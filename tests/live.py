@@ -26,7 +26,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from components.runtime import HEARTBEAT_PATH
+from components.runtime import HEARTBEAT_PATH, ProxySite, render_caddyfile
 
 LOOPBACK = "127.0.0.1"
 CHROMA = Path(sys.executable).with_name("chroma")
@@ -182,6 +182,31 @@ def caddy_server(workdir: Path, caddyfile: str, ports: list[int], timeout: float
         yield server
     finally:
         _stop(process)
+
+
+def loopback_tls_site(upstream: str, site_address: str = "localhost") -> ProxySite:
+    """The VM's proxy site moved to loopback: Caddy's internal CA instead of ACME, and free ports."""
+    return ProxySite(
+        site_address=site_address,
+        upstream=upstream,
+        tls_internal=True,
+        bind_address=LOOPBACK,
+        http_port=free_port(),
+        https_port=free_port(),
+        health_port=free_port(),
+    )
+
+
+@contextlib.contextmanager
+def tls_proxy(
+    workdir: Path, upstream: str, auth_header: str, token: str, acme_email: str | None = None
+) -> Iterator[tuple[ProxySite, Caddy]]:
+    """Caddy on the VM's rendered Caddyfile, moved to loopback, in front of `upstream`."""
+    site = loopback_tls_site(upstream)
+    caddyfile = render_caddyfile(site, auth_header, token, acme_email)
+    with caddy_server(workdir, caddyfile, [site.https_port, site.http_port, site.health_port]) as caddy:
+        wait_until(caddy.local_ca.exists, 30, "Caddy's internal CA")
+        yield site, caddy
 
 
 @dataclass

@@ -30,7 +30,16 @@ import chromadb
 import httpx
 import pytest
 from chromadb.config import Settings
-from live import CHROMA, IMAGE_CONFIG, LOOPBACK, Caddy, caddy_binary, caddy_server, chroma_server, free_port, wait_until
+from live import (
+    CHROMA,
+    IMAGE_CONFIG,
+    LOOPBACK,
+    Caddy,
+    caddy_binary,
+    chroma_server,
+    tls_proxy,
+    wait_until,
+)
 from vm_fixtures import (
     ACME_EMAIL,
     FQDN,
@@ -73,34 +82,13 @@ def other_header(auth_header: str) -> str:
     return other
 
 
-def loopback_site(**overrides) -> ProxySite:
-    """The VM's site on loopback: free ports, internal TLS, and whatever the test points it at."""
-    return ProxySite(
-        site_address=SITE,
-        tls_internal=True,
-        bind_address=LOOPBACK,
-        http_port=free_port(),
-        https_port=free_port(),
-        health_port=free_port(),
-        **overrides,
-    )
-
-
-def loopback_caddyfile(site: ProxySite, auth_header: str) -> str:
-    """The Caddyfile from the renderer the VM's comes from, checked to be that same render."""
-    vm_caddyfile = vm_files(auth_header)[cloud_config.CADDYFILE]
-    assert runtime.render_caddyfile(ProxySite(FQDN), auth_header, TOKEN, ACME_EMAIL) == vm_caddyfile
-    return runtime.render_caddyfile(site, auth_header, TOKEN, ACME_EMAIL)
-
-
 @contextlib.contextmanager
 def proxy_in_front_of(upstream: str, auth_header: str, workdir: Path) -> Iterator[tuple[ProxySite, Caddy]]:
-    """A loopback Caddy from the VM's renderer in front of `upstream`, once its internal CA exists."""
-    site = loopback_site(upstream=upstream)
-    caddyfile = loopback_caddyfile(site, auth_header)
-    with caddy_server(workdir, caddyfile, [site.https_port, site.http_port, site.health_port]) as caddy:
-        wait_until(caddy.local_ca.exists, 30, "Caddy's internal CA")
-        yield site, caddy
+    """A loopback Caddy from the renderer the VM's Caddyfile comes from (checked), in front of `upstream`."""
+    vm_caddyfile = vm_files(auth_header)[cloud_config.CADDYFILE]
+    assert runtime.render_caddyfile(ProxySite(FQDN), auth_header, TOKEN, ACME_EMAIL) == vm_caddyfile
+    with tls_proxy(workdir, upstream, auth_header, TOKEN, ACME_EMAIL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

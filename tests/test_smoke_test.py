@@ -21,10 +21,10 @@ from pathlib import Path
 
 import certifi
 import pytest
+from live import Caddy, Chroma, chroma_server, free_port, tls_proxy
 
-from components.runtime import AUTHORIZATION, HEARTBEAT_PATH, X_CHROMA_TOKEN, ProxySite, render_caddyfile
+from components.runtime import AUTHORIZATION, HEARTBEAT_PATH, X_CHROMA_TOKEN
 from scripts import smoke_test
-from tests.live import Caddy, Chroma, caddy_server, chroma_server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "smoke_test.py"
@@ -59,21 +59,9 @@ class Deployment:
 @contextlib.contextmanager
 def proxied(workdir: Path, chroma: Chroma, auth_header: str) -> Iterator[Deployment]:
     """The rendered Caddyfile, run by caddy on loopback ports."""
-    http_port, https_port, health_port = free_port(), free_port(), free_port()
-    site = ProxySite(
-        "localhost",
-        upstream=f"127.0.0.1:{chroma.port}",
-        tls_internal=True,
-        http_port=http_port,
-        https_port=https_port,
-        bind_address="127.0.0.1",
-        health_port=health_port,
-    )
-    caddyfile = render_caddyfile(site, auth_header, TOKEN)
-    assert "skip_install_trust" in caddyfile, "Caddy must not add its test CA to this machine's trust store"
-    with caddy_server(workdir, caddyfile, [https_port, health_port]) as caddy:
-        wait_until(caddy.local_ca.is_file, 10, "Caddy's local CA root")
-        yield Deployment(chroma=chroma, caddy=caddy, https_port=https_port, auth_header=auth_header)
+    with tls_proxy(workdir, f"127.0.0.1:{chroma.port}", auth_header, TOKEN) as (site, caddy):
+        assert "skip_install_trust" in caddy.caddyfile.read_text(), "Caddy must not add its CA to the trust store"
+        yield Deployment(chroma=chroma, caddy=caddy, https_port=site.https_port, auth_header=auth_header)
 
 
 @pytest.fixture(scope="module")
