@@ -190,17 +190,7 @@ class ChromaAzureVm(pulumi.ComponentResource):
         self.data_disk_id = data_disk.id
         self.vm_id = vm.id
         self.ssh_command = self._ssh_command(fqdn) if args.ssh_enabled else None
-        self.register_outputs(
-            {
-                "endpoint": self.endpoint,
-                "heartbeatUrl": self.heartbeat_url,
-                "fqdn": self.fqdn,
-                "publicIp": self.public_ip,
-                "authToken": self.auth_token,
-                "dataDiskId": self.data_disk_id,
-                "vmId": self.vm_id,
-            }
-        )
+        self.register_outputs({**self.exports(), "vmId": self.vm_id})
 
     def exports(self) -> dict[str, pulumi.Input[str]]:
         """Stack outputs: what a client (and the smoke test) needs to connect."""

@@ -42,6 +42,7 @@ class ChromaLocalDocker(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("chroma-infra:local:ChromaLocalDocker", name, None, opts)
+        self._settings = args
         child = pulumi.ResourceOptions(parent=self)
         prefix = f"{pulumi.get_project()}-{pulumi.get_stack()}"
         self.auth_token = credentials.auth_token(name, args, self)
@@ -90,18 +91,10 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=[chroma]),
         )
 
-        self._settings = args
         self.endpoint = pulumi.Output.from_input(f"http://127.0.0.1:{args.host_port}")
         self.heartbeat_url = pulumi.Output.from_input(f"http://127.0.0.1:{args.host_port}{HEARTBEAT_PATH}")
         self.volume_name = volume.name
-        self.register_outputs(
-            {
-                "endpoint": self.endpoint,
-                "heartbeatUrl": self.heartbeat_url,
-                "authToken": self.auth_token,
-                "dataVolume": self.volume_name,
-            }
-        )
+        self.register_outputs(self.exports())
 
     def exports(self) -> dict[str, pulumi.Input[str]]:
         """Stack outputs, named as the Azure stack names them where they apply."""
