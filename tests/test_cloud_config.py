@@ -12,7 +12,8 @@ import yaml
 from components import cloud_config, runtime
 from components.runtime import OtelSettings
 
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "cloud-config-v1.json"
+# cloud-init 26.2's schema, vendored: see tests/schemas/README.md.
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "cloud-config-v1.json"
 FQDN = "chroma-test.westeurope.cloudapp.azure.com"
 TOKEN = "RenderTestToken0123456789abcdefghij"
 OTEL = OtelSettings("http://collector.example.com:4317", "chroma-test", "x-team=abc,x-env=prod")

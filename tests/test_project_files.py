@@ -13,7 +13,8 @@ from conftest import ROOT
 
 from components.settings import declarations
 
-SCHEMA = ROOT.parent / "shared" / "schemas" / "pulumi-project.json"
+# Pulumi's project schema, vendored: see tests/schemas/README.md.
+SCHEMA = ROOT / "tests" / "schemas" / "pulumi-project.json"
 PROJECT_FILE = ROOT / "Pulumi.yaml"
 README = ROOT / "README.md"
 
@@ -143,3 +144,9 @@ def test_shellcheck_is_not_a_rubber_stamp(tmp_path):
 
 def test_main_is_a_thin_entry_point():
     assert len(Path(ROOT / "__main__.py").read_text().splitlines()) <= 40
+
+
+def test_readme_set_up_names_the_script_ci_runs():
+    # One list of system tools: README's set-up line, .ci/run and tests.yml all call this script.
+    assert "`sudo scripts/install-test-tools.sh`" in README.read_text()
+    assert (ROOT / "scripts" / "install-test-tools.sh").stat().st_mode & 0o111, "the script is executable"

