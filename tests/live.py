@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -206,7 +207,21 @@ def tls_proxy(
     caddyfile = render_caddyfile(site, auth_header, token, acme_email)
     with caddy_server(workdir, caddyfile, [site.https_port, site.http_port, site.health_port]) as caddy:
         wait_until(caddy.local_ca.exists, 30, "Caddy's internal CA")
+        # The port opens before the site's certificate is issued; until then handshakes fail.
+        wait_until(
+            lambda: tls_handshake(site.https_port, caddy.local_ca, site.site_address), 30, "the site's certificate"
+        )
         yield site, caddy
+
+
+def tls_handshake(port: int, ca_file: Path, server_name: str) -> bool:
+    """Whether a TLS handshake on a loopback port verifies against `ca_file` for `server_name`."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=2) as raw,
+        context.wrap_socket(raw, server_hostname=server_name),
+    ):
+        return True
 
 
 @dataclass
