@@ -3,7 +3,8 @@
 The data disk is a separate resource in its own resource group, attached at LUN 0 with delete
 option Detach and protected by default, so replacing or deleting the VM never deletes the data.
 Only 443 (from allowedCidrs), 80 (ACME challenges and the redirect) and, when asked, 22 are open;
-Chroma's port is published on no host port at all.
+Chroma's port is published on no host port at all. With a `zone`, the VM is pinned to it while the
+disk (ZRS) and the public IP span all zones, so a change of zone replaces the VM and nothing else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pulumi_azure_native.network as network
 import pulumi_azure_native.resources as resources
 import pulumi_random as random
 
-from components import credentials, sizing
+from components import credentials, sizing, zones
 from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config
 from components.runtime import HEARTBEAT_PATH
 from components.settings import Settings
@@ -88,6 +89,8 @@ class ChromaAzureVm(pulumi.ComponentResource):
             sku=network.PublicIPAddressSkuArgs(name=network.PublicIPAddressSkuName.STANDARD),
             public_ip_allocation_method=network.IPAllocationMethod.STATIC,
             dns_settings=network.PublicIPAddressDnsSettingsArgs(domain_name_label=self._dns_label()),
+            # Zone-redundant, so the address and the DNS name outlive any one zone and the VM in it.
+            zones=list(zones.ZONES) if args.zone else None,
             tags=tags,
             opts=child,
         )
@@ -109,6 +112,7 @@ class ChromaAzureVm(pulumi.ComponentResource):
         # the data disk lives in a group of its own that shares the disk's protection.
         keep_data = pulumi.ResourceOptions(parent=self, protect=args.protect_data_disk)
         data_group = resources.ResourceGroup(f"{name}-data-rg", location=args.location, tags=tags, opts=keep_data)
+        # No zones on the disk: a ZRS disk is regional and attaches to a VM in any zone.
         data_disk = compute.Disk(
             f"{name}-data",
             resource_group_name=data_group.name,
@@ -173,12 +177,13 @@ class ChromaAzureVm(pulumi.ComponentResource):
             diagnostics_profile=compute.DiagnosticsProfileArgs(
                 boot_diagnostics=compute.BootDiagnosticsArgs(enabled=True)
             ),
+            zones=[args.zone] if args.zone else None,
             tags=tags,
             opts=pulumi.ResourceOptions(
                 parent=self,
-                # Azure cannot update custom data in place; the data disk and NIC can only
-                # attach to one VM, so the old VM goes first.
-                replace_on_changes=["osProfile.customData"],
+                # Azure can change neither custom data nor the zone of a VM in place; the data
+                # disk and NIC can only attach to one VM, so the old VM goes first.
+                replace_on_changes=["osProfile.customData", "zones"],
                 delete_before_replace=True,
             ),
         )

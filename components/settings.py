@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pulumi
 import yaml
 
-from components import sizing
+from components import sizing, zones
 from components.runtime import AUTH_HEADERS, GRANULARITIES, OtelSettings
 
 PROJECT = "chroma-infra"
@@ -109,6 +109,7 @@ class Settings:
     embedding_dimensions: int
     data_disk_size_gb: int
     data_disk_sku: str
+    zone: str | None
     protect_data_disk: bool
     admin_username: str
     ssh_public_key: str | None
@@ -341,17 +342,54 @@ def _check_ram(reader: _Reader, vm_size: str, memory: float, embeddings: int, di
     )
 
 
-def _data_disk_sku(reader: _Reader, vm_size: str) -> str:
+def _zone(reader: _Reader, target: str, location: str | None) -> str | None:
+    key = "zone"
+    value = reader.value(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a number in the stack file
+    zone = str(value).strip() if value is not None else ""
+    if not zone:
+        return None
+    if zone not in zones.ZONES:
+        reader.problem(
+            key,
+            value,
+            f"must be an availability zone, {', '.join(zones.ZONES[:-1])} or {zones.ZONES[-1]}, or unset for no zone. "
+            "Fix: pulumi config set zone 1, or pulumi config rm zone.",
+        )
+        return None
+    if target == "azure" and location and not zones.has_zones(location):
+        reader.problems.append(
+            f"{PROJECT}:zone = {zone!r} needs a region with availability zones, and azure-native:location = "
+            f"{location!r} has none in this project's list (components/zones.py, from {zones.ZONAL_REGIONS_SOURCE} "
+            f"as of {zones.ZONAL_REGIONS_AS_OF}). Fix: pulumi config rm zone, or deploy to a zonal region such as "
+            "westeurope. If Microsoft's list now shows zones for this region, add it to ZONAL_REGIONS in "
+            "components/zones.py, with the page's date."
+        )
+    return zone
+
+
+def _data_disk_sku(reader: _Reader, vm_size: str, zone: str | None) -> str:
     premium = sizing.supports_premium_storage(vm_size)
-    sku = reader.string("dataDiskSku") or ("Premium_LRS" if premium else "StandardSSD_LRS")
+    sku = reader.string("dataDiskSku") or zones.default_data_disk_sku(zone, premium)
     if sku not in DATA_DISK_SKUS:
         reader.problem("dataDiskSku", sku, f"is not a disk SKU. Fix: use one of {', '.join(DATA_DISK_SKUS)}.")
+    elif zone and not zones.is_zone_redundant(sku):
+        reader.problem(
+            "dataDiskSku",
+            sku,
+            f"is locally redundant, and {PROJECT}:zone = {zone!r} pins the VM to a zone: an LRS disk stays in "
+            "one zone and cannot follow the VM to another, so a failover would leave the data behind. "
+            f"Fix: pulumi config rm dataDiskSku (a zone defaults to {zones.default_data_disk_sku(zone, premium)}), "
+            f"or use {' or '.join(zones.ZONE_REDUNDANT_DISK_SKUS)}, or pulumi config rm zone.",
+        )
     elif sku in PREMIUM_DATA_DISK_SKUS and not premium:
         reader.problem(
             "dataDiskSku",
             sku,
             f"needs a VM size with premium storage, and {vm_size} has none. "
-            "Fix: use StandardSSD_LRS, or a size with an 's' in its features (e.g. Standard_D2s_v5).",
+            f"Fix: use {zones.default_data_disk_sku(zone, premium_storage=False)}, or a size with an 's' in its "
+            "features (e.g. Standard_D2s_v5).",
         )
     return sku
 
@@ -422,6 +460,7 @@ def load_settings(
                 "azure-native:location is not set: the Azure stack needs a region. "
                 "Fix: pulumi config set azure-native:location eastus."
             )
+    zone = _zone(reader, target, location)
     allowed_cidrs = _cidrs(reader, "allowedCidrs")
     if not allowed_cidrs and not reader.problems:
         reader.problem(
@@ -443,7 +482,8 @@ def load_settings(
         expected_embeddings=embeddings,
         embedding_dimensions=dimensions,
         data_disk_size_gb=reader.integer("dataDiskSizeGb", minimum=4, maximum=32767),
-        data_disk_sku=_data_disk_sku(reader, vm_size),
+        data_disk_sku=_data_disk_sku(reader, vm_size, zone),
+        zone=zone,
         protect_data_disk=reader.boolean("protectDataDisk"),
         admin_username=_admin_username(reader),
         ssh_public_key=_optional_match(

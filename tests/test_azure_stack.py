@@ -106,7 +106,7 @@ def test_vm_is_ubuntu_2404_key_only_and_replaced_when_custom_data_changes(dev_ru
     assert linux["disablePasswordAuthentication"] is True
     assert linux["ssh"]["publicKeys"][0]["keyData"].startswith("ssh-ed25519 ")
     assert "adminPassword" not in inputs["osProfile"]
-    assert vm.replace_on_changes == ["osProfile.customData"]
+    assert vm.replace_on_changes == ["osProfile.customData", "zones"]
     assert vm.delete_before_replace, "the data disk can attach to one VM at a time"
 
 
