@@ -7,6 +7,7 @@ parameters of `ProxySite` (site address, TLS mode, upstream).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ CHROMA_IMAGE_REPOSITORY = "chromadb/chroma"
 AUTHORIZATION = "Authorization"
 X_CHROMA_TOKEN = "X-Chroma-Token"  # noqa: S105 - a header name, not a secret
 AUTH_HEADERS = (AUTHORIZATION, X_CHROMA_TOKEN)
+# RFC 6750 token68: what may follow "Bearer " without quoting, and all a token may hold.
+TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
 # The Chroma image has bash but no curl: speak HTTP over bash's /dev/tcp and want a 200.
 CHROMA_HEALTHCHECK = (
@@ -130,6 +133,16 @@ def auth_value(auth_header: str, token: str) -> str:
     return f"Bearer {token}" if auth_header == AUTHORIZATION else token
 
 
+def auth_pattern(auth_header: str, token: str) -> str:
+    """The RE2 pattern the proxy matches the auth header against: any case of `Bearer`, the exact token.
+
+    Each punctuation character of the token goes in a one-character class, so the pattern needs no
+    backslashes (which the Caddyfile's quoting would have to carry).
+    """
+    literal = "".join(char if char.isalnum() else f"[{char}]" for char in token)
+    return f"^(?i:bearer) +{literal}$" if auth_header == AUTHORIZATION else f"^{literal}$"
+
+
 def render_caddyfile(
     site: ProxySite,
     auth_header: str,
@@ -141,13 +154,16 @@ def render_caddyfile(
         raise ValueError(f"auth_header must be one of {AUTH_HEADERS}, not {auth_header!r}")
     if not token:
         raise ValueError("an empty token would let every request through")
+    if not TOKEN68.match(token):
+        raise ValueError("the token must be RFC 6750 token68 (letters, digits, -._~+/ and trailing =)")
     challenge = 'Bearer realm="chroma"' if auth_header == AUTHORIZATION else "Token"
     return _TEMPLATES.get_template("Caddyfile.j2").render(
         site=site,
         acme_email=acme_email,
         heartbeat_path=HEARTBEAT_PATH,
         auth_header=auth_header,
-        auth_value=auth_value(auth_header, token),
+        auth_headers=AUTH_HEADERS,
+        auth_pattern=auth_pattern(auth_header, token),
         challenge=challenge.replace('"', '\\"'),
     )
 

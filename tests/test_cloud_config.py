@@ -164,8 +164,8 @@ def test_granularity_all_keeps_chromas_default():
 @pytest.mark.parametrize(
     ("auth_header", "matcher"),
     [
-        ("Authorization", f'header Authorization "Bearer {TOKEN}"'),
-        ("X-Chroma-Token", f'header X-Chroma-Token "{TOKEN}"'),
+        ("Authorization", f'header_regexp Authorization "^(?i:bearer) +{TOKEN}$"'),
+        ("X-Chroma-Token", f'header_regexp X-Chroma-Token "^{TOKEN}$"'),
     ],
 )
 def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header, matcher):
@@ -179,8 +179,12 @@ def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header,
 
 
 def test_acme_email_reaches_caddy_only_when_set():
-    assert "email ops@example.com" in render(acme_email="ops@example.com")
-    assert "email " not in cloud_config.write_files(render())[cloud_config.CADDYFILE]
+    with_email = cloud_config.write_files(render(acme_email="ops@example.com"))[cloud_config.CADDYFILE]
+    assert 'email "ops@example.com"' in with_email
+    assert "cert_issuer" not in with_email, "with an email, Caddy's default issuers (Let's Encrypt, ZeroSSL) apply"
+    without = cloud_config.write_files(render())[cloud_config.CADDYFILE]
+    assert "email " not in without
+    assert "cert_issuer acme\n" in without, "without an email, only Let's Encrypt: ZeroSSL needs one"
 
 
 def test_empty_token_is_never_rendered():

@@ -110,7 +110,8 @@ def test_otel_env_is_the_vms_and_secret_with_headers():
 def test_caddyfile_upload_is_secret_and_uses_the_token(local_run):
     proxy = containers(local_run)["chroma-proxy"].inputs
     assert is_secret_input(proxy["uploads"]), "the Caddyfile carries the token"
-    assert f'header Authorization "Bearer {MOCK_TOKEN}"' in uploaded_caddyfile(local_run)
+    pattern = runtime.auth_pattern("Authorization", MOCK_TOKEN)
+    assert f'header_regexp Authorization "{pattern}"' in uploaded_caddyfile(local_run)
 
 
 def test_local_caddyfile_is_the_vms_but_for_the_declared_parameters(local_run, dev_run):
@@ -151,5 +152,5 @@ def test_configured_token_is_used_and_nothing_is_generated():
     token = "Local-Configured-Token-0123456789"
     run = run_program("local", {"authToken": token, "authHeader": "X-Chroma-Token"}, ("authToken",))
     assert not run.of_type("random:index/randomPassword:RandomPassword")
-    assert f'header X-Chroma-Token "{token}"' in uploaded_caddyfile(run)
+    assert f'header_regexp X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token", token)}"' in uploaded_caddyfile(run)
     assert run.outputs["authHeader"] == "X-Chroma-Token"

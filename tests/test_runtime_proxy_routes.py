@@ -1,0 +1,240 @@
+"""What gets past the proxy without a token, byte for byte, with real Caddy on the rendered Caddyfile.
+
+The upstream here is not Chroma but a recorder: it keeps the raw request line and headers of
+every request Caddy forwards. Chroma 1.x checks no token itself, so whatever the proxy forwards
+is served; the question is exactly which request lines reach it. The only tokenless requests
+that may reach it are `GET` and `HEAD` of the heartbeat, as exactly that path. Paths that only
+normalise to the heartbeat (encoded slashes, dot segments, letter case, extra slashes, encoded
+letters) must be answered by the proxy itself. Requests are sent with http.client, which sends
+the path as given (httpx and browsers would clean it first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from live import LOOPBACK, Caddy, tls_proxy
+
+from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, ProxySite, auth_value
+
+TOKEN = "RoutesTestToken0123456789abcdef.~+/x="
+SITE = "localhost"
+
+# Tokenless paths that a path matcher would normalise to the heartbeat, or that Chroma would route.
+PATH_VARIANTS = [
+    "/api/v2/tenants/default_tenant%2F..%2F..%2Fheartbeat",
+    "/api/v2/tenants/default_tenant/../../heartbeat",
+    "/api/v2/tenants/..%2Fheartbeat",
+    "/api/v2/./heartbeat",
+    "/./api/v2/heartbeat",
+    "/api/v2/x/../heartbeat",
+    "/API/V2/HEARTBEAT",
+    "/api/v2/Heartbeat",
+    "//api/v2/heartbeat",
+    "/api//v2/heartbeat",
+    "/api/v2//heartbeat",
+    "/api/v2/heartbeat/",
+    "/api/v2/heartbeat//",
+    "/api/v2/heartbeat/.",
+    "/api/v2/heartbeat/..",
+    "/api/v2/heartbeat/../version",
+    "/api/v2/heartbeat%2F..%2Fversion",
+    "/api/v2/heartbeat%2F",
+    "/api/v2%2Fheartbeat",
+    "%2Fapi%2Fv2%2Fheartbeat",
+    "/api/v2/%68eartbeat",
+    "/api/v2/heartbea%74",
+    "/%61pi/v2/heartbeat",
+    "/api/v2/heartbeat%00",
+    "/api/v2/heartbeat%20",
+    "/api/v2/heartbeat.",
+    "/api/v2/heartbeat;x=1",
+    "/api/v2/heartbeat?",
+    "/api/v2/heartbeat?x=1",
+    "/api/v2/heartbeat#x",
+    "/api/v2/heartbeat\\..\\version",
+    "/api/v2/version",
+    "/api/v2/healthcheck",
+    "/api/v2/tenants/default_tenant",
+    "*",
+]
+OTHER_METHODS = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "get", "Get", "head", "CONNECT"]
+EXACT = {("GET", HEARTBEAT_PATH), ("HEAD", HEARTBEAT_PATH)}
+
+
+@dataclass
+class Recorder:
+    """An HTTP upstream that answers 200 to anything and keeps each raw request head."""
+
+    port: int = 0
+    heads: list[list[str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self) -> list[list[str]]:
+        with self.lock:
+            taken, self.heads[:] = list(self.heads), []
+        return taken
+
+
+@contextlib.contextmanager
+def recording_upstream() -> Iterator[Recorder]:
+    recorder = Recorder()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            lines = []
+            while True:
+                line = self.rfile.readline(65536)
+                if not line or line in (b"\r\n", b"\n"):
+                    break
+                lines.append(line.decode("latin-1").rstrip("\r\n"))
+            if not lines:
+                return
+            with recorder.lock:
+                recorder.heads.append(lines)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    with Server((LOOPBACK, 0), Handler) as server:
+        recorder.port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield recorder
+        finally:
+            server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Recorder]:
+    with recording_upstream() as recorder:
+        yield recorder
+
+
+@pytest.fixture(scope="module", params=AUTH_HEADERS)
+def proxy(request, upstream, tmp_path_factory) -> Iterator[tuple[str, ProxySite, Caddy]]:
+    workdir: Path = tmp_path_factory.mktemp("caddy-routes")
+    with tls_proxy(workdir, f"{LOOPBACK}:{upstream.port}", request.param, TOKEN) as (site, caddy):
+        yield request.param, site, caddy
+
+
+def send(site: ProxySite, caddy: Caddy, method: str, target: str, headers: dict[str, str] | None = None) -> int:
+    """The status of one request whose request line is exactly `method target HTTP/1.1`."""
+    context = ssl.create_default_context(cafile=str(caddy.local_ca))
+    connection = http.client.HTTPSConnection(SITE, site.https_port, context=context, timeout=10)
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def raw_request(site: ProxySite, caddy: Caddy, head: bytes) -> bytes:
+    """The start of the response to a request written byte for byte (for request lines http.client refuses)."""
+    context = ssl.create_default_context(cafile=str(caddy.local_ca))
+    with (
+        socket.create_connection((LOOPBACK, site.https_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=SITE) as tls,
+    ):
+        tls.sendall(head)
+        return tls.recv(4096)
+
+
+def forwarded(upstream: Recorder) -> list[str]:
+    return [head[0] for head in upstream.take()]
+
+
+def test_exact_heartbeat_goes_upstream_as_itself_without_any_token(proxy, upstream):
+    _, site, caddy = proxy
+    upstream.take()
+    both_tokens = {header: auth_value(header, TOKEN) for header in AUTH_HEADERS}
+    for method in ("GET", "HEAD"):
+        assert send(site, caddy, method, HEARTBEAT_PATH) == 200
+        assert send(site, caddy, method, HEARTBEAT_PATH, both_tokens) == 200
+    heads = upstream.take()
+    assert [head[0] for head in heads] == [
+        f"{method} {HEARTBEAT_PATH} HTTP/1.1" for method in ("GET", "GET", "HEAD", "HEAD")
+    ]
+    for head in heads:
+        names = {line.split(":", 1)[0].lower() for line in head[1:]}
+        assert not names & {header.lower() for header in AUTH_HEADERS}, f"a token reached the upstream: {head}"
+
+
+@pytest.mark.parametrize("path", PATH_VARIANTS)
+def test_tokenless_path_variants_never_reach_another_route(proxy, upstream, path):
+    _, site, caddy = proxy
+    upstream.take()
+    for method in ("GET", "HEAD"):
+        status = send(site, caddy, method, path)
+        seen = forwarded(upstream)
+        if seen:
+            assert seen == [f"{method} {HEARTBEAT_PATH} HTTP/1.1"], f"{method} {path} reached the upstream as {seen}"
+        else:
+            assert status in (400, 401, 404), f"{method} {path}: {status} without reaching the upstream"
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_methods_on_the_heartbeat_need_the_token(proxy, upstream, method):
+    _, site, caddy = proxy
+    upstream.take()
+    status = send(site, caddy, method, HEARTBEAT_PATH)
+    assert forwarded(upstream) == [], f"{method} {HEARTBEAT_PATH} reached the upstream without a token"
+    assert status in (400, 401, 405)
+
+
+def test_absolute_form_request_line_goes_upstream_only_as_the_heartbeat(proxy, upstream):
+    _, site, caddy = proxy
+    upstream.take()
+    for target in (f"https://{SITE}{HEARTBEAT_PATH}", f"https://{SITE}/api/v2/x/..%2Fheartbeat"):
+        raw_request(site, caddy, f"GET {target} HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
+        seen = forwarded(upstream)
+        assert seen in ([], [f"GET {HEARTBEAT_PATH} HTTP/1.1"]), f"GET {target} reached the upstream as {seen}"
+
+
+def test_bearer_scheme_is_case_insensitive_and_the_token_exact(proxy, upstream):
+    auth_header, site, caddy = proxy
+    upstream.take()
+    path = "/api/v2/version"
+    if auth_header == AUTHORIZATION:
+        accepted = [f"{scheme} {TOKEN}" for scheme in ("Bearer", "bearer", "BEARER", "bEaReR")] + [f"Bearer  {TOKEN}"]
+        refused = [f"Bearer {TOKEN.lower()}", f"Bearer {TOKEN.swapcase()}", f"Bearer {TOKEN}x", f"Bearer x{TOKEN}"]
+        refused += [TOKEN, f"Basic {TOKEN}", f"Bearer{TOKEN}", f"Bearer {TOKEN[:-1]}"]
+    else:
+        accepted = [TOKEN]
+        refused = [TOKEN.lower(), f"{TOKEN}x", f"Bearer {TOKEN}", f" x{TOKEN}", TOKEN[:-1]]
+    for value in accepted:
+        assert send(site, caddy, "GET", path, {auth_header: value}) == 200, f"{auth_header}: {value!r} was refused"
+    heads = upstream.take()
+    assert [head[0] for head in heads] == [f"GET {path} HTTP/1.1"] * len(accepted)
+    for head in heads:
+        assert not any(TOKEN in line for line in head), f"the token reached the upstream: {head}"
+    for value in refused:
+        assert send(site, caddy, "GET", path, {auth_header: value}) == 401, f"{auth_header}: {value!r} was accepted"
+    assert forwarded(upstream) == []
+
+
+def test_token_in_the_other_header_is_stripped_too(proxy, upstream):
+    auth_header, site, caddy = proxy
+    (other,) = [header for header in AUTH_HEADERS if header != auth_header]
+    upstream.take()
+    headers = {auth_header: auth_value(auth_header, TOKEN), other: auth_value(other, TOKEN)}
+    assert send(site, caddy, "GET", "/api/v2/version", headers) == 200
+    (head,) = upstream.take()
+    assert not any(TOKEN in line for line in head), f"a token reached the upstream: {head}"
