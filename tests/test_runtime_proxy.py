@@ -129,6 +129,35 @@ def test_chromadb_wheel_is_the_pinned_chroma_version():
     assert compose_service(vm_files(), "chroma")["image"] == f"chromadb/chroma:{chromadb.__version__}"
 
 
+def adapted(caddyfile: str, tmp_path: Path) -> dict:
+    """The JSON config real Caddy makes of a Caddyfile."""
+    path = tmp_path / "Caddyfile"
+    path.write_text(caddyfile, encoding="utf-8")
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    command = [caddy_binary(), "adapt", "--config", str(path), "--adapter", "caddyfile"]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout)
+
+
+def test_without_acme_email_caddy_uses_only_issuers_that_need_none(tmp_path):
+    """Caddy's default issuers are Let's Encrypt and ZeroSSL; ZeroSSL fails every attempt without an email."""
+    rendered = cloud_config.render_cloud_config(
+        fqdn=FQDN,
+        chroma_version=pinned_chroma_version(),
+        auth_header=AUTHORIZATION,
+        token=TOKEN,
+        otel=None,
+        acme_email=None,
+    )
+    config = adapted(cloud_config.write_files(rendered)[cloud_config.CADDYFILE], tmp_path)
+    policies = config["apps"]["tls"]["automation"]["policies"]
+    issuers = [issuer for policy in policies for issuer in policy.get("issuers", [])]
+    assert policies
+    assert all(policy.get("issuers") for policy in policies), "an implicit issuer list means ZeroSSL too"
+    assert issuers == [{"module": "acme"}], issuers
+    with_email = adapted(vm_files()[cloud_config.CADDYFILE], tmp_path)
+    assert ACME_EMAIL in json.dumps(with_email["apps"]["tls"])
+
+
 @pytest.mark.parametrize("auth_header", AUTH_HEADERS)
 def test_caddy_accepts_the_vms_exact_caddyfile(auth_header, tmp_path):
     caddyfile = tmp_path / "Caddyfile"
