@@ -23,6 +23,7 @@ import pytest
 from chromadb.config import Settings
 from live import LOOPBACK, chroma_server
 from vm_fixtures import (
+    DISK_SIZE_BYTES,
     chroma_environment,
     loop_device,
     mounted,
@@ -50,7 +51,13 @@ def mount_unit(files):
     return {key: mount[key][0] for key in ("What", "Where", "Type", "Options")}
 
 
-def prepare(files: dict[str, str], tmp_path: Path, device: str | None, wait_seconds: int = WAIT_SECONDS):
+def prepare(
+    files: dict[str, str],
+    tmp_path: Path,
+    device: str | None,
+    wait_seconds: int = WAIT_SECONDS,
+    extra_env: dict[str, str] | None = None,
+):
     """Runs the VM's script as its unit runs it, with the disk's link pointing at `device`."""
     script = tmp_path / "chroma-prepare-data-disk"
     script.write_text(files[cloud_config.DISK_SCRIPT], encoding="utf-8")
@@ -67,6 +74,7 @@ def prepare(files: dict[str, str], tmp_path: Path, device: str | None, wait_seco
         **unit_env,
         "DATA_DISK_CANDIDATES": str(link),
         "DATA_DISK_WAIT_SECONDS": str(wait_seconds),
+        **(extra_env or {}),
     }
     return subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
 
@@ -131,7 +139,8 @@ def test_blank_disk_gets_chromas_filesystem_and_a_replacement_vm_keeps_the_data(
         # First boot: a blank disk.
         first = prepare(files, tmp_path, device)
         assert first.returncode == 0, first.stderr
-        assert "is blank; making an ext4 filesystem" in first.stderr
+        assert "is blank: no signature, no partition table, zeros in its first and last 16 MiB" in first.stderr
+        assert "(read 32 MiB of 64 MiB); making an ext4 filesystem" in first.stderr
         made = probe(device)
         label = PurePosixPath(mount_unit["What"]).name
         assert (made["TYPE"], made["LABEL"]) == (mount_unit["Type"], label)
@@ -187,13 +196,62 @@ def raw_data(device: str) -> None:
     write_at(device, 64 * 1024, b"someone's data" * 1000)
 
 
+MIB = 1024 * 1024
+# sfdisk and wipefs ask a loop device without partition scanning to re-read its table, and say it failed.
+QUIET = {"check": True, "capture_output": True}
+
+
+def zero(device: str, offset: int, length: int) -> None:
+    write_at(device, offset, b"\0" * length)
+
+
+def gpt_with_primary_header_zeroed(device: str) -> None:
+    """A GPT disk whose first MiB (protective MBR, primary header, entries) was zeroed; the backup is intact."""
+    subprocess.run(["sfdisk", "--quiet", device], input=b"label: gpt\nstart=20M,size=8M,type=L\n", **QUIET)
+    write_at(device, 21 * MIB, b"someone's data" * 1000)
+    zero(device, 0, MIB)
+
+
+def ext4_partition_with_table_wiped_by_wipefs(device: str) -> None:
+    """`wipefs -a` on the disk instead of its partition: the table's signatures go, the ext4 in partition 1 stays."""
+    subprocess.run(["sfdisk", "--quiet", device], input=b"label: gpt\nstart=1M,size=16M,type=L\n", **QUIET)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "backups", "-E", "offset=1048576", device, "16M"], **QUIET)
+    subprocess.run(["wipefs", "--all", "--quiet", device], **QUIET)
+
+
+def ext4_partition_with_table_zeroed(device: str) -> None:
+    """An MBR disk with ext4 in partition 1, whose first MiB (the table) was zeroed with dd."""
+    subprocess.run(["sfdisk", "--quiet", device], input=b"label: dos\nstart=2048,size=32768,type=83\n", **QUIET)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "backups", "-E", "offset=1048576", device, "16M"], **QUIET)
+    zero(device, 0, MIB)
+
+
+def data_past_the_first_mib(device: str) -> None:
+    write_at(device, 10 * MIB, b"someone's data" * 1000)
+
+
+def data_near_the_end(device: str) -> None:
+    write_at(device, DISK_SIZE_BYTES - 3 * MIB, b"someone's data" * 1000)
+
+
 # What the disk holds -> (how to put it there, what the script must say about it).
 FOREIGN = {
     "ext4 with another label": (make("mkfs.ext4", "-q", "-L", "backups"), "holds ext4 labelled backups"),
     "ext3 with Chroma's label": (make("mkfs.ext3", "-q", "-L", "chroma-data"), "holds ext3 labelled chroma-data"),
     "swap": (make("mkswap", "-L", "swap"), "holds swap"),
     "partition table with data": (partition_table_with_data, "holds a gpt partition table"),
-    "raw data, no signature": (raw_data, "has no filesystem signature but its first MiB is not blank"),
+    "raw data, no signature": (raw_data, "holds data in its first 16 MiB"),
+    "GPT, primary header zeroed": (gpt_with_primary_header_zeroed, "holds a backup GPT partition table at its end"),
+    "ext4 partition, table wiped by wipefs": (
+        ext4_partition_with_table_wiped_by_wipefs,
+        "holds ext4 at offset 2048 sectors, where a partition starts",
+    ),
+    "ext4 partition, table zeroed": (
+        ext4_partition_with_table_zeroed,
+        "holds ext4 at offset 2048 sectors, where a partition starts",
+    ),
+    "data past the first MiB": (data_past_the_first_mib, "holds data in its first 16 MiB"),
+    "data near the end": (data_near_the_end, "holds data in its last 16 MiB"),
 }
 
 
@@ -210,7 +268,8 @@ def test_disk_holding_anything_else_is_refused_untouched(files, tmp_path, conten
 
         assert result.returncode != 0
         assert message in result.stderr
-        assert "Refusing to format it" in result.stderr
+        assert "Refusing to format it; nothing was written" in result.stderr
+        assert "zero both ends" in result.stderr, "the message says how to proceed"
         assert probe(device) == signature
     assert image_checksum(image) == checksum, "not one byte of the disk may change"
 
@@ -232,3 +291,56 @@ def test_a_link_to_something_not_a_disk_is_refused(files, tmp_path):
     assert result.returncode != 0
     assert "is not a block device" in result.stderr
     assert not_a_disk.read_bytes() == b"\0" * 4096
+
+
+def test_wait_retriggers_udev_until_the_link_appears(files, tmp_path):
+    """The by-lun link comes only from udev rules installed after boot: the wait must replay "add" events."""
+    calls = tmp_path / "udevadm.calls"
+    fake = tmp_path / "bin" / "udevadm"
+    fake.parent.mkdir()
+    # Stands in for udev with azure-vm-utils' rules installed late: only a replayed block "add" makes the link.
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo "$*" >>"$UDEVADM_CALLS"\n'
+        'if [ "$*" = "trigger --subsystem-match=block --action=add" ]; then ln -sfn "$DISK" "$LINK"; fi\n',
+        encoding="utf-8",
+    )
+    fake.chmod(0o755)
+    with loop_device(tmp_path / "disk.img") as device:
+        link = tmp_path / "by-lun" / LUN
+        env = {
+            "PATH": f"{fake.parent}:{os.environ['PATH']}",
+            "UDEVADM_CALLS": str(calls),
+            "DISK": device,
+            "LINK": str(link),
+        }
+        result = prepare(files, tmp_path, device=None, wait_seconds=20, extra_env=env)
+        assert result.returncode == 0, result.stderr
+        assert "making an ext4 filesystem" in result.stderr
+        assert probe(device)["LABEL"] == "chroma-data"
+    assert "trigger --subsystem-match=block --action=add" in calls.read_text().splitlines()
+
+
+def test_blank_check_of_a_4_tib_disk_reads_32_mib(files, tmp_path):
+    """The cost stays small on a big disk: both 16 MiB ends are read, not the whole disk."""
+    calls = tmp_path / "mkfs.calls"
+    fake = tmp_path / "bin" / "mkfs.ext4"
+    fake.parent.mkdir()
+    # Stands in for mkfs, which would write a 1 GiB journal into the sparse image: only the check is measured.
+    fake.write_text('#!/bin/sh\necho "$*" >>"$MKFS_CALLS"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "MKFS_CALLS": str(calls)}
+    with loop_device(tmp_path / "disk.img", size=4 * 1024**4) as device:
+        started = time.monotonic()
+        blank = prepare(files, tmp_path, device, extra_env=env)
+        took = time.monotonic() - started
+        assert blank.returncode == 0, blank.stderr
+        assert "(read 32 MiB of 4194304 MiB); making an ext4 filesystem" in blank.stderr
+        assert calls.read_text().split() == ["-q", "-L", "chroma-data", "--", device]
+        assert took < 30, f"the check took {took:.1f}s"
+        write_at(device, 4 * 1024**4 - 5 * MIB, b"someone's data")
+        calls.unlink()
+        refused = prepare(files, tmp_path, device, extra_env=env)
+        assert refused.returncode != 0
+        assert "holds data in its last 16 MiB" in refused.stderr
+        assert not calls.exists()

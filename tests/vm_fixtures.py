@@ -101,11 +101,11 @@ def need_root_and_loop_devices() -> None:
 
 
 @contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
+def loop_device(image: Path, size: int = DISK_SIZE_BYTES) -> Iterator[str]:
     """A loop device over a sparse image file; detached on exit, even after a failure."""
     need_root_and_loop_devices()
     with image.open("wb") as handle:
-        handle.truncate(DISK_SIZE_BYTES)
+        handle.truncate(size)
     device = subprocess.run(
         ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
     ).stdout.strip()
