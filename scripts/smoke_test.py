@@ -9,12 +9,17 @@ The checks run in order and stop at the first failure (the rest show as skipped)
 on the one before it, and a deployment that answers without a token gets no data written to it.
 Exit codes: 0 every check passed, 1 a check failed (the output names it), 2 usage or configuration.
 Results go to stdout; progress while waiting for a booting VM goes to stderr, so `--json` stdout is
-pure JSON. The token is never printed.
+pure JSON. The token is never printed, in any quoted or escaped form; a token that cannot be sent
+in an HTTP header (a line end, a control character, non-ASCII) is refused, exit 2, before any
+request. Every request has a timeout (--timeout), the client's construction included, so a
+server that stops answering fails a check instead of hanging CI. The data check runs with both
+of chromadb's clients, sync and async, each sending the token as a header.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.client
 import json
@@ -27,6 +32,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -37,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 # Run as `python scripts/smoke_test.py`, sys.path starts at scripts/; the header rules live in the project.
@@ -53,6 +59,8 @@ DEFAULT_WAIT_SECONDS = 600.0
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 15.0
 REQUEST_TIMEOUT_SECONDS = 15.0
+# chromadb's client constructor makes a few requests of its own: this many request timeouts in all.
+CONNECT_TIMEOUTS = 3
 PULUMI_TIMEOUT_SECONDS = 120
 
 # A data route of Chroma's (list collections): it must refuse requests without the right token.
@@ -68,6 +76,12 @@ LATENCY_VECTOR_COUNT = 100
 LATENCY_QUERIES = 20
 LATENCY_RESULTS = 5
 COLLECTION_PREFIX = "smoke-test-"
+# What a header value may hold here: visible ASCII. The proxy's token is RFC 6750 token68, a subset.
+HEADER_SAFE = frozenset(chr(code) for code in range(0x21, 0x7F))
+# Pieces of a token shorter than this are not redacted on their own (they would blank ordinary words).
+MIN_REDACTED_PIECE = 4
+
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -128,8 +142,9 @@ class Report:
         self._secrets: list[str] = []
 
     def hide(self, *values: str) -> None:
-        """Never prints these values."""
-        self._secrets.extend(value for value in values if value)
+        """Never prints these values, in any form an error message may quote them in."""
+        for value in values:
+            self._secrets.extend(form for form in quoted_forms(value) if form)
 
     def redact(self, text: str) -> str:
         """The text with every hidden value replaced by ***."""
@@ -151,6 +166,44 @@ class Report:
         print(f"smoke_test: error: {self.redact(message)}", file=sys.stderr, flush=True)
         if self.json_enabled:
             print(json.dumps({"ok": False, "error": self.redact(message), "checks": []}), flush=True)
+
+
+def quoted_forms(value: str) -> set[str]:
+    """`value` as it is, as Python, JSON, URLs and bytes reprs escape it, and each line or word of it."""
+    if not value:
+        return set()
+    forms = {
+        value,
+        repr(value)[1:-1],
+        ascii(value)[1:-1],
+        json.dumps(value)[1:-1],
+        value.encode("unicode_escape").decode("ascii"),
+        repr(value.encode("utf-8", "backslashreplace"))[2:-1],
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value),
+    }
+    # An error may quote only the part before a line end, or a header split at whitespace.
+    pieces = {piece for piece in "".join(c if c in HEADER_SAFE else "\n" for c in value).split("\n")}
+    forms |= {piece for piece in pieces if len(piece) >= MIN_REDACTED_PIECE}
+    return forms
+
+
+def header_problem(token: str) -> str | None:
+    """Why `token` cannot go in an HTTP header, without quoting any of it; None when it can."""
+    names = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\t": "a tab", " ": "a space"}
+    for position, char in enumerate(token, start=1):
+        if char in HEADER_SAFE:
+            continue
+        if ord(char) > 0x7E and ord(char) != 0x7F:
+            what = "a character that is not ASCII"
+        else:
+            what = names.get(char, f"the control character 0x{ord(char):02x}")
+        return (
+            f"the token holds {what} at position {position} of {len(token)}, so it cannot be sent in an HTTP "
+            "header. Fix: give the token alone, without line ends or spaces (a token copied from a file saved "
+            "with Windows line ends ends in CR LF)"
+        )
+    return None
 
 
 def format_line(name: str, status: str, seconds: float, detail: str) -> str:
@@ -190,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_seconds,
         default=DEFAULT_WAIT_SECONDS,
         help=f"how long to wait for the heartbeat, e.g. while a VM boots (default {DEFAULT_WAIT_SECONDS:.0f})",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_number,
+        default=REQUEST_TIMEOUT_SECONDS,
+        help=f"give up on any one request after this long (default {REQUEST_TIMEOUT_SECONDS:.0f}; "
+        f"connecting the Chroma client may take {CONNECT_TIMEOUTS} times this)",
     )
     parser.add_argument(
         "--max-p95-ms", metavar="MS", type=_positive_number, help="fail the latency check above this p95"
@@ -240,6 +301,9 @@ def resolve_target(args: argparse.Namespace, environ: dict[str, str]) -> Target:
         source = "--endpoint" if args.endpoint else "CHROMA_ENDPOINT"
     if auth_header not in AUTH_HEADERS:
         raise UsageError(f"the auth header must be one of {', '.join(AUTH_HEADERS)}, not {auth_header!r}")
+    problem = header_problem(token)
+    if problem:
+        raise UsageError(problem)
     scheme, host, port = parse_endpoint(endpoint)
     ca_cert = args.ca_cert
     if ca_cert is not None:
@@ -361,6 +425,7 @@ class Context:
     report: Report
     wait_seconds: float
     max_p95_ms: float | None
+    timeout: float = REQUEST_TIMEOUT_SECONDS
     client: Any = None
 
 
@@ -374,7 +439,7 @@ def check_reachable(context: Context) -> str:
     attempt = 0
     while True:
         attempt += 1
-        timeout = max(1.0, min(REQUEST_TIMEOUT_SECONDS, deadline - time.monotonic()))
+        timeout = max(1.0, min(context.timeout, deadline - time.monotonic()))
         try:
             status, headers = http_get(url, {}, tls, timeout)
         except (OSError, http.client.HTTPException) as error:
@@ -407,7 +472,7 @@ def check_tls(context: Context) -> str:
         return "not checked: http endpoint, so the token travels unencrypted"
     try:
         with (
-            socket.create_connection((target.host, target.port), timeout=REQUEST_TIMEOUT_SECONDS) as raw,
+            socket.create_connection((target.host, target.port), timeout=context.timeout) as raw,
             tls_context(target.ca_cert).wrap_socket(raw, server_hostname=target.host) as tls,
         ):
             certificate = tls.getpeercert()
@@ -442,7 +507,7 @@ def check_locked(context: Context) -> str:
     statuses: dict[str, int] = {}
     for label, headers in attempts.items():
         try:
-            statuses[label], _ = http_get(url, headers, tls, REQUEST_TIMEOUT_SECONDS)
+            statuses[label], _ = http_get(url, headers, tls, context.timeout)
         except (OSError, http.client.HTTPException) as error:
             raise CheckError(f"request with {label} failed: {describe(error)}") from error
     probe = LOCKED_PROBE_PATH.split("?")[0]
@@ -484,30 +549,65 @@ def vector_id(index: int) -> str:
     return f"v{index:04d}"
 
 
-def open_client(target: Target) -> Any:
+def within(seconds: float, what: str, call: Callable[[], T]) -> T:
+    """`call()`, or CheckError once it has run `seconds`: for calls whose own timeout cannot be set.
+
+    The call goes on in a daemon thread, which ends with the process.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed back to the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise CheckError(f"{what}: no answer within {seconds:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def client_settings(target: Target) -> Any:
+    """Settings for chromadb's clients: no telemetry, and TLS verified against the given CA or the system's.
+
+    The async client skips verification unless chroma_server_ssl_verify is set, so it always is.
+    """
+    from chromadb.config import Settings
+
+    return Settings(
+        anonymized_telemetry=False,
+        chroma_server_ssl_verify=str(target.ca_cert) if target.ca_cert else True,
+    )
+
+
+def open_client(target: Target, timeout: float = REQUEST_TIMEOUT_SECONDS) -> Any:
     """Chroma's own Python client (HttpClient) with the token, the CA, no telemetry, and a timeout on every request."""
     import chromadb  # A second to import: only the checks that talk to Chroma pay for it.
     import httpx
-    from chromadb.config import Settings
 
-    settings = Settings(
-        anonymized_telemetry=False,
-        chroma_server_ssl_verify=str(target.ca_cert) if target.ca_cert else None,
-    )
-    with warnings.catch_warnings():
-        # chromadb passes the CA path on as httpx's `verify=<str>`, which httpx 0.28 deprecates.
-        warnings.filterwarnings("ignore", message="`verify=<str>` is deprecated", category=DeprecationWarning)
-        client = chromadb.HttpClient(
-            host=target.host,
-            port=target.port,
-            ssl=target.scheme == "https",
-            headers=target.auth,
-            settings=settings,
-        )
+    def construct() -> Any:
+        with warnings.catch_warnings():
+            # chromadb passes the CA path on as httpx's `verify=<str>`, which httpx 0.28 deprecates.
+            warnings.filterwarnings("ignore", message="`verify=<str>` is deprecated", category=DeprecationWarning)
+            return chromadb.HttpClient(
+                host=target.host,
+                port=target.port,
+                ssl=target.scheme == "https",
+                headers=target.auth,
+                settings=client_settings(target),
+            )
+
+    # The constructor already makes requests, before any timeout can be set on its session.
+    client = within(CONNECT_TIMEOUTS * timeout, "connect", construct)
     # chromadb 1.5.9 builds its httpx.Client with timeout=None; a stuck server must not hang CI forever.
     session = getattr(getattr(client, "_server", None), "_session", None)
     if isinstance(session, httpx.Client):
-        session.timeout = httpx.Timeout(REQUEST_TIMEOUT_SECONDS)
+        session.timeout = httpx.Timeout(timeout)
     return client
 
 
@@ -559,7 +659,9 @@ def _delete_collection(client: Any, name: str) -> str | None:
 def check_data(context: Context) -> str:
     """In a temporary collection: create, upsert, query for known nearest neighbours, count, delete."""
     try:
-        context.client = open_client(context.target)
+        context.client = open_client(context.target, context.timeout)
+    except CheckError:
+        raise
     except Exception as error:
         raise CheckError(f"connect failed: {describe(error)}") from error
     vectors = reference_vectors()
@@ -581,7 +683,73 @@ def check_data(context: Context) -> str:
             raise CheckError(f"count: {count}, expected {len(ids)}")
         return f"upserted {len(ids)} vectors, {len(probes)}/{len(probes)} nearest neighbours right, count {count}"
 
-    return in_temporary_collection(context.client, work) + ", deleted"
+    detail = in_temporary_collection(context.client, work) + ", deleted"
+    return f"{detail}; async client: {async_round_trip(context.target, ids, vectors, probes, context.timeout)}"
+
+
+def async_round_trip(
+    target: Target,
+    ids: list[str],
+    vectors: list[list[float]],
+    probes: list[tuple[str, list[float]]],
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+) -> str:
+    """The data check again with chromadb's AsyncHttpClient, every request bounded by `timeout`."""
+    import chromadb
+    from chromadb.errors import NotFoundError
+
+    step = Step("connect")
+
+    async def bounded(awaitable: Any) -> Any:
+        return await asyncio.wait_for(awaitable, timeout)
+
+    async def run() -> str:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`verify=<str>` is deprecated", category=DeprecationWarning)
+            client = await bounded(
+                chromadb.AsyncHttpClient(
+                    host=target.host,
+                    port=target.port,
+                    ssl=target.scheme == "https",
+                    headers=target.auth,  # the async client ignores a token given through Settings
+                    settings=client_settings(target),
+                )
+            )
+            name = f"{COLLECTION_PREFIX}{uuid.uuid4().hex[:16]}"
+            try:
+                step.name = "create collection"
+                collection = await bounded(
+                    client.create_collection(
+                        name, embedding_function=None, metadata={"created_by": "scripts/smoke_test.py"}
+                    )
+                )
+                step.name = "upsert"
+                await bounded(collection.upsert(ids=ids, embeddings=vectors))
+                step.name = "query"
+                result = await bounded(
+                    collection.query(query_embeddings=[query for _, query in probes], n_results=3, include=[])
+                )
+                found = [matches[0] if matches else None for matches in result["ids"]]
+                right = sum(got == expected for (expected, _), got in zip(probes, found, strict=True))
+                if right != len(probes):
+                    raise CheckError(f"async client: wrong nearest neighbour for {len(probes) - right}/{len(probes)}")
+                step.name = "count"
+                count = await bounded(collection.count())
+                if count != len(ids):
+                    raise CheckError(f"async client: count {count}, expected {len(ids)}")
+            finally:
+                with contextlib.suppress(NotFoundError):
+                    await bounded(client.delete_collection(name))
+        return f"{right}/{len(probes)} nearest neighbours right, count {count}, deleted"
+
+    try:
+        return asyncio.run(run())
+    except CheckError:
+        raise
+    except TimeoutError as error:
+        raise CheckError(f"async client: {step.name}: no answer within {timeout:g}s") from error
+    except Exception as error:
+        raise CheckError(f"async client: {step.name} failed: {describe(error)}") from error
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
@@ -667,9 +835,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         report.error(str(error))
         return EXIT_USAGE
-    report.hide(target.token, auth_value(target.auth_header, target.token))
+    report.hide(target.token)
     report.line(f"Smoke test of {target.endpoint} (from {target.source}, token in {target.auth_header})")
-    context = Context(target=target, report=report, wait_seconds=args.wait, max_p95_ms=args.max_p95_ms)
+    context = Context(
+        target=target, report=report, wait_seconds=args.wait, max_p95_ms=args.max_p95_ms, timeout=args.timeout
+    )
     try:
         results = run_checks(context)
     finally:

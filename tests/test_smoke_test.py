@@ -8,12 +8,16 @@ token appears nowhere in the output.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +138,9 @@ def test_correct_deployment_passes_every_check(capsys: pytest.CaptureFixture[str
     assert re.search(r"valid for localhost, expires in \d+\.\d days", outcome.check("tls")["detail"])
     assert outcome.check("locked")["detail"] == "no token 401, wrong token 401, token 200 (Authorization)"
     assert "10/10 nearest neighbours right, count 300, deleted" in outcome.check("data")["detail"]
+    assert outcome.check("data")["detail"].endswith(
+        "; async client: 10/10 nearest neighbours right, count 300, deleted"
+    ), "the token, sent as a header, works for chromadb's async client too"
     assert re.fullmatch(r"p50 [\d.]+ ms, p95 [\d.]+ ms over 20 queries", outcome.check("latency")["detail"])
     assert collections_left(deployment.chroma) == [], "the smoke test left its collections behind"
 
@@ -448,6 +455,168 @@ def test_stack_without_pulumi_installed_exits_2_naming_the_fix(
     assert "--stack needs the pulumi CLI, which is not on PATH" in outcome.stderr
     assert "https://www.pulumi.com/docs/install/" in outcome.stderr
     assert "pass --endpoint and --token" in outcome.stderr
+
+
+# --- Tokens that cannot go in a header, and every form a token can be quoted in ------------------
+
+# Distinctive letters, so any 4-character piece of them found in the output is a leak, not chance.
+BAD_TOKENS = {
+    "crlf": "Qz7kVx2mWq9pLr4tJn6y\r\n",
+    "lf": "Qz7kVx2mWq9pLr4tJn6y\n",
+    "cr-inside": "Qz7kVx2m\rWq9pLr4tJn6y",
+    "non-ascii": "Qz7kVx2mWq9\u00e9pLr4tJn6y",
+    "tab": "\tQz7kVx2mWq9pLr4tJn6y",
+}
+
+
+def pieces(token: str, length: int = 4) -> set[str]:
+    """Every run of `length` characters of the token, in raw and escaped forms."""
+    forms = {token, repr(token)[1:-1], json.dumps(token)[1:-1], token.encode("unicode_escape").decode()}
+    return {form[start : start + length] for form in forms for start in range(len(form) - length + 1)}
+
+
+def leaked(token: str, text: str) -> set[str]:
+    return {piece for piece in pieces(token) if piece in text}
+
+
+@contextlib.contextmanager
+def listener() -> Iterator[socket.socket]:
+    """A loopback port that accepts connections but answers nothing; shows whether anyone connected."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.setblocking(False)
+        yield server
+
+
+def connected(server: socket.socket) -> bool:
+    try:
+        connection, _ = server.accept()
+    except BlockingIOError:
+        return False
+    connection.close()
+    return True
+
+
+@pytest.mark.parametrize("token", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
+@pytest.mark.parametrize("given_by", ["flag", "environment", "stack"])
+def test_token_that_cannot_be_a_header_is_refused_before_any_request(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    token: str,
+    given_by: str,
+) -> None:
+    with listener() as server:
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        if given_by == "flag":
+            argv = ["--endpoint", endpoint, "--token", token]
+        elif given_by == "environment":
+            monkeypatch.setenv("CHROMA_TOKEN", token)
+            argv = ["--endpoint", endpoint]
+        else:
+            fake_pulumi(tmp_path, exports={"endpoint": endpoint, "authToken": token})
+            monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+            argv = ["--stack", "dev"]
+        for json_mode in ([], ["--json"]):
+            outcome = run(capsys, *argv, "--wait", "0", *json_mode)
+            assert outcome.code == 2, outcome.stdout + outcome.stderr
+            assert "cannot be sent in an HTTP header" in outcome.stderr
+            assert not leaked(token, outcome.stdout + outcome.stderr), "part of the token was printed"
+        assert not connected(server), "a request was made with a token that cannot be sent"
+
+
+def test_every_quoted_form_of_the_token_is_redacted() -> None:
+    token = BAD_TOKENS["crlf"]
+    report = smoke_test.Report(json_enabled=False)
+    report.hide(token)
+    errors = [
+        f"Invalid header value {('Bearer ' + token).encode()!r}",
+        f"header {token!r} rejected",
+        json.dumps({"token": token}),
+        f"url {urllib.parse.quote(token)}",
+        f"first line only: {token.splitlines()[0]}",
+        token.encode("unicode_escape").decode(),
+    ]
+    for error in errors:
+        redacted = report.redact(error)
+        assert not leaked(token, redacted), f"{error!r} became {redacted!r}"
+        assert "***" in redacted
+
+
+# --- A server that answers the heartbeat and then stalls ------------------------------------------
+
+
+@contextlib.contextmanager
+def stalling_server(stall_from: str) -> Iterator[str]:
+    """Answers the heartbeat (and, with stall_from="data", the locked probe as a proxy would), then stalls.
+
+    A stalled request is read and never answered until the test ends.
+    """
+    stop = threading.Event()
+    locked_path = smoke_test.LOCKED_PROBE_PATH
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == HEARTBEAT_PATH:
+                self.answer(200, b'{"nanosecond heartbeat": 1}')
+            elif self.path == locked_path and stall_from == "data":
+                right = self.headers.get(AUTHORIZATION) == f"Bearer {TOKEN}"
+                self.answer(200 if right else 401, b"[]" if right else b"Unauthorized")
+            else:
+                stop.wait(120)
+
+        do_POST = do_GET  # noqa: N815 - http.server's method name
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("stall_from", "failed", "detail"),
+    [
+        ("locked", "locked", "request with no token failed: timed out"),
+        ("data", "data", "connect: no answer within 6s"),
+    ],
+)
+def test_server_that_stalls_after_the_heartbeat_fails_in_bounded_time(
+    tmp_path: Path, stall_from: str, failed: str, detail: str
+) -> None:
+    wait, timeout = 2, 2
+    with stalling_server(stall_from) as endpoint:
+        started = time.monotonic()
+        finished = subprocess.run(
+            [sys.executable, str(SCRIPT), "--endpoint", endpoint, "--wait", str(wait), "--timeout", str(timeout)],
+            env={**os.environ, "CHROMA_TOKEN": TOKEN},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        took = time.monotonic() - started
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert f"FAIL: the {failed} check failed" in finished.stdout
+    assert re.search(rf"  {failed} +FAIL +[\d.]+s  {re.escape(detail)}", finished.stdout), finished.stdout
+    # The heartbeat, then at most the client's construction (3 timeouts), plus start-up.
+    assert took < wait + smoke_test.CONNECT_TIMEOUTS * timeout + 15, f"took {took:.1f}s"
+    assert TOKEN not in finished.stdout + finished.stderr
 
 
 # --- Pure parts -------------------------------------------------------------------------------
