@@ -8,22 +8,26 @@ the value and the fix, before any resource is registered.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import ipaddress
 import json
+import math
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pulumi
 import yaml
 
 from components import sizing, zones
-from components.runtime import AUTH_HEADERS, GRANULARITIES, OtelSettings
+from components.runtime import AUTH_HEADERS, GRANULARITIES, TOKEN68, OtelSettings
 
 PROJECT = "chroma-infra"
 PROJECT_FILE = Path(__file__).resolve().parent.parent / "Pulumi.yaml"
@@ -32,15 +36,23 @@ SECRET_SHOWN = "[secret]"  # noqa: S105 - what is shown instead of a secret
 DATA_DISK_SKUS = ("Premium_LRS", "StandardSSD_LRS", "Standard_LRS", "Premium_ZRS", "StandardSSD_ZRS")
 PREMIUM_DATA_DISK_SKUS = ("Premium_LRS", "Premium_ZRS")
 MIN_TOKEN_LENGTH = 16
+# Far above any generated token; a longer one fails only after resources exist (header and file limits).
+MAX_TOKEN_LENGTH = 1024
+MIN_RSA_BITS = 2048  # Azure refuses shorter RSA keys
 MIN_CHROMA_MAJOR = 1
 
-# RFC 6750 token68: what may follow "Bearer " without quoting.
-_TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _VERSION_TAG = re.compile(r"^(?P<major>\d+)\.\d+\.\d+(?:-[0-9A-Za-z.]+)?$")
 # Azure: 3-63 characters, lowercase letters, digits and hyphens, starting with a letter.
 _DNS_LABEL = re.compile(r"^[a-z][a-z0-9-]{1,61}[a-z0-9]$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Letters, digits and the local-part symbols that mean nothing to the Caddyfile: no quote, backslash,
+# braces ({$VAR} is substituted) or backtick.
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+# What OTLP header values and the service name may hold: visible ASCII and spaces.
+_PRINTABLE = re.compile(r"^[\x20-\x7e]+$")
 _LINUX_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # Names Azure refuses for a VM's admin account.
 _RESERVED_USERNAMES = frozenset(
@@ -79,7 +91,8 @@ _RESERVED_USERNAMES = frozenset(
         "user5",
     ]
 )
-_SSH_KEY = re.compile(r"^(ssh-rsa|ssh-ed25519|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
+_SSH_KEY = re.compile(r"^(ssh-rsa|ssh-ed25519|ecdsa-sha2-nistp(256|384|521)) ([A-Za-z0-9+/]+={0,3})( .*)?$")
+_ECDSA_POINT_BYTES = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
 
 
 class SettingsError(pulumi.RunError):
@@ -160,8 +173,8 @@ class _Reader:
     def shown(self, key: str, value: Any) -> str:
         return SECRET_SHOWN if key in secret_keys() else repr(value)
 
-    def problem(self, key: str, value: Any, message: str) -> None:
-        self.problems.append(f"{PROJECT}:{key} = {self.shown(key, value)}: {message}")
+    def problem(self, key: str, value: Any, message: str, shown: str | None = None) -> None:
+        self.problems.append(f"{PROJECT}:{key} = {shown or self.shown(key, value)}: {message}")
 
     def value(self, key: str) -> Any:
         value = self.raw.get(key)
@@ -180,7 +193,7 @@ class _Reader:
             number = float(value)
         except (TypeError, ValueError):
             number = float("nan")
-        if number != number or number != int(number) or number < minimum or (maximum and number > maximum):
+        if not math.isfinite(number) or number != int(number) or number < minimum or (maximum and number > maximum):
             bounds = f"from {minimum} to {maximum}" if maximum else f"of at least {minimum}"
             self.problem(key, value, f"must be a whole number {bounds}. Fix: pulumi config set {key} <number>.")
             return minimum
@@ -216,7 +229,16 @@ def _cidrs(reader: _Reader, key: str) -> tuple[str, ...]:
     cidrs = []
     for entry in reader.string_list(key):
         try:
-            cidrs.append(str(ipaddress.ip_network(entry.strip(), strict=True)))
+            network = ipaddress.ip_network(entry.strip(), strict=True)
+            if network.version != 4:
+                reader.problem(
+                    key,
+                    entry,
+                    "is an IPv6 range, but the VM has only an IPv4 address, so it would let no one in. "
+                    "Fix: list the IPv4 ranges to allow, e.g. 203.0.113.0/24.",
+                )
+                continue
+            cidrs.append(str(network))
         except ValueError as error:
             hint = ""
             with contextlib.suppress(ValueError):
@@ -248,15 +270,17 @@ def _otel_headers(reader: _Reader) -> str | None:
                 return None
             pairs.append((name, text))
     for number, (name, text) in enumerate(pairs, start=1):
-        name, text = name.strip(), text.strip()
-        if not _HEADER_NAME.match(name) or not text or any(c in text for c in ",\r\n"):
+        if not _HEADER_NAME.match(name.strip()) or not text.strip() or not _PRINTABLE.match(text.strip()):
             reader.problem(
                 key,
                 value,
-                f"entry {number} is not a header name and a non-empty value without commas. Fix: use k=v,k2=v2.",
+                f"entry {number} is not a header name and a non-empty value of printable ASCII. "
+                'Fix: use k=v,k2=v2, or a map such as {"x-api-key": "v"} for values holding commas.',
             )
             return None
-    return ",".join(f"{name.strip()}={text.strip()}" for name, text in pairs)
+    # The exporter percent-decodes each value (OTEL_EXPORTER_OTLP_HEADERS is W3C Baggage-like), so a
+    # value holding %, "," or "=" would arrive changed unless encoded here.
+    return ",".join(f"{name.strip()}={quote(text.strip(), safe='')}" for name, text in pairs)
 
 
 def _otel_endpoint(reader: _Reader) -> str | None:
@@ -269,12 +293,24 @@ def _otel_endpoint(reader: _Reader) -> str | None:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port or parts.path not in ("", "/"):
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port
+        or parts.path not in ("", "/")
+        or "@" in parts.netloc
+        or parts.query
+        or parts.fragment
+        or "?" in value
+        or "#" in value
+    ):
         reader.problem(
             key,
             value,
-            "must be an OTLP/gRPC URL of the form http(s)://host:port, with no path. "
+            "must be an OTLP/gRPC URL of the form http(s)://host:port, with no path, user, password, query or "
+            "fragment (give credentials in otelHeaders). "
             "Fix: pulumi config set otelEndpoint http://collector.example.com:4317.",
+            "[not shown: it may hold a password]" if "@" in parts.netloc else None,
         )
         return None
     return value.rstrip("/")
@@ -285,12 +321,12 @@ def _auth_token(reader: _Reader) -> str | None:
     token = reader.string(key)
     if token is None:
         return None
-    if len(token) < MIN_TOKEN_LENGTH or not _TOKEN68.match(token):
+    if not MIN_TOKEN_LENGTH <= len(token) <= MAX_TOKEN_LENGTH or not TOKEN68.match(token):
         reader.problem(
             key,
             token,
-            f"has {len(token)} characters; it needs at least {MIN_TOKEN_LENGTH}, all of them letters, digits "
-            'or -._~+/ (RFC 6750 token68). Fix: pulumi config set --secret authToken "$(openssl rand -hex 32)", '
+            f"has {len(token)} characters; it needs {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH}, all of them letters, "
+            'digits or -._~+/ (RFC 6750 token68). Fix: pulumi config set --secret authToken "$(openssl rand -hex 32)", '
             "or pulumi config rm authToken to have one generated.",
         )
     return token
@@ -407,6 +443,76 @@ def _admin_username(reader: _Reader) -> str:
     return name
 
 
+def _ssh_key_problem(key_type: str, blob_text: str) -> str | None:
+    """Why an OpenSSH public key would be refused (by Azure or sshd), or None when it parses and is strong."""
+    try:
+        blob = base64.b64decode(blob_text, validate=True)
+    except (binascii.Error, ValueError):
+        return "its base64 part does not decode"
+    fields: list[bytes] = []
+    offset = 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            return "its key data is truncated"
+        (length,) = struct.unpack(">I", blob[offset : offset + 4])
+        fields.append(blob[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+        if offset > len(blob):
+            return "its key data is truncated"
+    if not fields or fields[0] != key_type.encode():
+        return f"its key data is not a {key_type} key"
+    if key_type == "ssh-rsa":
+        if len(fields) != 3:
+            return "its RSA key data does not parse"
+        bits = int.from_bytes(fields[2], "big").bit_length()
+        if bits < MIN_RSA_BITS:
+            return f"it is a {bits}-bit RSA key, and Azure needs at least {MIN_RSA_BITS} bits"
+    elif key_type == "ssh-ed25519":
+        if len(fields) != 2 or len(fields[1]) != 32:
+            return "its ed25519 key data does not parse"
+    else:
+        curve = key_type.removeprefix("ecdsa-sha2-")
+        if len(fields) != 3 or fields[1] != curve.encode() or len(fields[2]) != _ECDSA_POINT_BYTES[curve]:
+            return "its ECDSA key data does not parse"
+    return None
+
+
+def _ssh_public_key(reader: _Reader) -> str | None:
+    key = "sshPublicKey"
+    value = reader.string(key)
+    if not value:
+        return None
+    fix = 'Fix: pulumi config set sshPublicKey "$(cat ~/.ssh/id_ed25519.pub)".'
+    if "PRIVATE KEY" in value or value.startswith("-----"):
+        reader.problem(
+            key, value, f"is a private key; it must never leave your machine. Give the .pub file. {fix}", "[not shown]"
+        )
+        return None
+    match = _SSH_KEY.match(value)
+    shown = repr(value if len(value) <= 60 else f"{value[:40]}...{value[-12:]}")
+    if not match:
+        reader.problem(key, value, f"is not an OpenSSH public key (ed25519, ecdsa or RSA). {fix}", shown)
+        return None
+    problem = _ssh_key_problem(match.group(1), match.group(3))
+    if problem:
+        reader.problem(key, value, f"{problem}. {fix}", shown)
+    return value
+
+
+def _otel_service_name(reader: _Reader) -> str:
+    key = "otelServiceName"
+    raw = reader.value(key)
+    name = reader.string(key) or ""
+    if not name or not _PRINTABLE.match(name):
+        reader.problem(
+            key,
+            raw,
+            "must be a non-blank name of printable ASCII, or unset for chromadb. "
+            "Fix: pulumi config set otelServiceName chroma-prod.",
+        )
+    return name
+
+
 def _optional_match(reader: _Reader, key: str, pattern: re.Pattern[str], fix: str) -> str | None:
     value = reader.string(key)
     if value and not pattern.match(value):
@@ -474,7 +580,7 @@ def load_settings(
         auth_header=auth_header,
         auth_token=_auth_token(reader),
         otel_endpoint=_otel_endpoint(reader),
-        otel_service_name=reader.string("otelServiceName") or "",
+        otel_service_name=_otel_service_name(reader),
         otel_headers=_otel_headers(reader),
         otel_granularity=_optional_choice(reader, "otelGranularity", GRANULARITIES),
         vm_size=vm_size,
@@ -486,12 +592,7 @@ def load_settings(
         zone=zone,
         protect_data_disk=reader.boolean("protectDataDisk"),
         admin_username=_admin_username(reader),
-        ssh_public_key=_optional_match(
-            reader,
-            "sshPublicKey",
-            _SSH_KEY,
-            'is not an OpenSSH public key. Fix: pulumi config set sshPublicKey "$(cat ~/.ssh/id_ed25519.pub)".',
-        ),
+        ssh_public_key=_ssh_public_key(reader),
         ssh_allowed_cidrs=_cidrs(reader, "sshAllowedCidrs"),
         allowed_cidrs=allowed_cidrs,
         dns_label=_optional_match(

@@ -22,6 +22,7 @@ from live import LOOPBACK, chroma_server, otlp_sink, wait_until
 from vm_fixtures import chroma_environment, vm_files
 
 from components.runtime import GRANULARITY_LEVELS, OtelSettings
+from components.settings import load_settings
 
 SERVICE_NAME = "chroma-otel-test"
 HEADERS = "x-team=abc,x-env=prod"
@@ -112,3 +113,22 @@ def test_without_an_endpoint_no_otel_variable_and_chroma_answers(otel, tmp_path)
         client = chromadb.HttpClient(host=LOOPBACK, port=chroma.port, settings=Settings(anonymized_telemetry=False))
         assert client.create_collection("untraced", embedding_function=None).count() == 0
     assert "panic" not in chroma.log.read_text(encoding="utf-8")
+
+
+def test_header_values_with_percent_comma_equals_and_space_arrive_unchanged(tmp_path):
+    """The exporter percent-decodes OTEL_EXPORTER_OTLP_HEADERS values; the settings encode them so they survive."""
+    value = "100%41 off, a=b %zz"
+    with otlp_sink() as sink:
+        loaded = load_settings(
+            {"target": "azure", "otelEndpoint": sink.endpoint, "otelHeaders": {"x-api-key": value, "x-env": "prod"}},
+            location="westeurope",
+        )
+        env = chroma_environment(vm_files(otel=loaded.otel))
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"] != f"x-api-key={value},x-env=prod", "the value must be encoded"
+        with chroma_server(tmp_path, env) as chroma:
+            workload(chroma.port)
+            wait_until(lambda: LAST_SPAN in sink.span_names(), 30, "the workload's spans")
+        assert sink.exports
+        for export in sink.exports:
+            assert export.metadata.get("x-api-key") == value
+            assert export.metadata.get("x-env") == "prod"

@@ -244,3 +244,153 @@ def test_bad_config_fails_the_real_program_before_any_resource():
     assert "chroma-infra:vmSize = 'Standard_B1s'" in message
     assert "chroma-infra:authToken = [secret]" in message
     assert "tiny" not in message
+
+
+# --- Values that pass a shape check but break the VM or lock the user out ----------------------
+
+# Real public keys, made with ssh-keygen for these tests (public keys are not secrets).
+ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE+eW+eW5ykAzr6dFSbUuu7FRUzcJ9I5DLSOIqkng4oK test@example"
+ECDSA_256 = (
+    "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEeY7fgkLs272+FXJM6N3OZaBK5N"
+    "t8mxxUN7cl8c4Xnq"
+    "m44NLlCvWtRsv5p57tXSkHBrXmgqVWfSq3vcPMXNc7c= test@example"
+)
+RSA_2048 = (
+    "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDAtZ9CnUlpb8QryPqF527Q9wm4OKSzmXPUTxmiTbkGA8onQejFkozMzAIEU7sf"
+    "DawaiI1ev91hzNUl"
+    "4aQhuRrrly/G2qO4AoIH2jT6EeFRW+6U2S0uiW2xxTcOHhCfe/+ejILCl9gkCRKFOkEgdeBCuni9xXPYPSNK+wc3i2y2eiCuUkBX"
+    "2+gGikrhEhtPXR33"
+    "ZewjUbANu3bGnWcgx2ROM5F0Ga3hhSJlR+OHyIjQb0LWqpaW6i0riZf0HkVdI6DiTWEQq89PSQ6Wtm7dumXuiB2b8LEPcL7kDoAt"
+    "e0GJIXSsgC5DJ/OP"
+    "M8xYIR4cftqcoBA8ZgGubXzA86jxY4Wn test@example"
+)
+RSA_1024 = (
+    "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDC6baFO9yEPK7HCSuK1j4vtkwjsyIb0lnimNIBpxpk51SKIqqGWI5oPammPT97"
+    "FMjuNIlDC0eeZbmI"
+    "pU+yc8CLQBCURAo0UmpFTU7HE+aklPndv0sHr2ZEfGu8YcCxbRC2bRdBJbLspqvnZMXSosVfT3hYTFJVpOwxVBpON5ZByw== test@example"
+)
+PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+    "QyNTUxOQAAACBPnlvnlucpAM6+nRUm1LruxUVM3CfSOQy0jiKpJ4OKCgAAAJhOotHITqLR\n-----END OPENSSH PRIVATE KEY-----"
+)
+
+
+@pytest.mark.parametrize("key", [ED25519, ECDSA_256, RSA_2048], ids=["ed25519", "ecdsa", "rsa-2048"])
+def test_valid_ssh_keys_are_accepted(key):
+    assert load_settings({**AZURE, "sshPublicKey": key}, location=REGION).ssh_public_key == key
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (RSA_1024, "it is a 1024-bit RSA key, and Azure needs at least 2048 bits"),
+        (ED25519.replace("AAAAIE+eW", "AAAAIE+e!W"), "is not an OpenSSH public key"),
+        (ED25519.replace("AAAAIE+eW+eW5", "AAAAIE+eW+e"), "its base64 part does not decode"),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIConfiguredKey user@laptop", "its base64 part does not decode"),
+        ("ssh-rsa " + ED25519.split()[1], "its key data is not a ssh-rsa key"),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAEAAAAAAAAAAAAAAAAAAAAAA=", "its ed25519 key data does not parse"),
+    ],
+    ids=["rsa-1024", "bad-character", "broken-base64", "made-up-blob", "type-mismatch", "short-ed25519"],
+)
+def test_ssh_keys_azure_or_sshd_would_refuse(key, reason):
+    problems = problems_for(sshPublicKey=key)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:sshPublicKey = "), problems[0]
+    assert reason in problems[0]
+    assert "Fix: pulumi config set sshPublicKey" in problems[0]
+
+
+def test_a_pasted_private_key_is_refused_and_never_echoed():
+    problems = problems_for(sshPublicKey=PRIVATE_KEY)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:sshPublicKey = [not shown]: is a private key"), problems[0]
+    for line in PRIVATE_KEY.splitlines()[1:-1]:
+        assert line[:12] not in problems[0], "part of the private key was echoed"
+
+
+@pytest.mark.parametrize("email", ["ops@example.com", "ops+chroma@example.com", "first.last@mail.example.co.uk"])
+def test_valid_acme_emails_are_accepted(email):
+    assert load_settings({**AZURE, "acmeEmail": email}, location=REGION).acme_email == email
+
+
+@pytest.mark.parametrize(
+    "email", ['ops"@example.com', "ops\\@example.com", "{$HOME}@example.com", "ops@{$HOST}.com", "o ps@example.com"]
+)
+def test_acme_email_that_would_break_the_caddyfile_is_refused(email):
+    assert_one_problem({"acmeEmail": email}, "acmeEmail", repr(email), r"not an email address")
+
+
+@pytest.mark.parametrize("key", ["allowedCidrs", "sshAllowedCidrs"])
+def test_ipv6_ranges_are_refused_because_the_vm_is_ipv4_only(key):
+    problems = problems_for(**{key: ["2001:db8::/32"]})
+    assert any(
+        problem.startswith(f"chroma-infra:{key} = '2001:db8::/32': is an IPv6 range, but the VM has only an IPv4")
+        for problem in problems
+    ), problems
+    loaded = load_settings({**AZURE, key: ["203.0.113.0/24"]}, location=REGION)
+    assert getattr(loaded, "allowed_cidrs" if key == "allowedCidrs" else "ssh_allowed_cidrs") == ("203.0.113.0/24",)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://user:s3cr3tpw@collector.example.com:4317",
+        "http://collector.example.com:4317?token=abc",
+        "http://collector.example.com:4317#frag",
+        "http://collector.example.com:4317/?x",
+    ],
+    ids=["userinfo", "query", "fragment", "slash-query"],
+)
+def test_otel_endpoint_with_credentials_query_or_fragment_is_refused(endpoint):
+    problems = problems_for(otelEndpoint=endpoint)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:otelEndpoint = "), problems[0]
+    assert "no path, user, password, query or fragment" in problems[0]
+    assert "s3cr3tpw" not in problems[0], "a password in the URL is not echoed"
+
+
+@pytest.mark.parametrize("name", ["   ", "\t", "chroma\nprod"], ids=["spaces", "tab", "newline"])
+def test_blank_or_unprintable_service_name_is_refused(name):
+    problems = problems_for(otelServiceName=name)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:otelServiceName = "), problems[0]
+    assert "non-blank name of printable ASCII" in problems[0]
+
+
+@pytest.mark.parametrize("value", ["1e400", "inf", "-inf", "nan", "1e309"])
+@pytest.mark.parametrize("key", ["dataDiskSizeGb", "expectedEmbeddings", "hostPort", "vmMemoryGib"])
+def test_huge_or_infinite_numbers_name_the_key_instead_of_crashing(key, value):
+    problems = problems_for(**{key: value})
+    assert any(problem.startswith(f"chroma-infra:{key} = {value!r}: must be a whole number") for problem in problems)
+
+
+def test_auth_token_is_capped_at_1024_characters():
+    assert load_settings({**AZURE, "authToken": "a" * 1024}, location=REGION).auth_token == "a" * 1024
+    problems = problems_for(authToken="a" * 1025)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:authToken = [secret]: has 1025 characters; it needs 16 to 1024")
+    assert "a" * 20 not in problems[0]
+
+
+def test_otel_header_values_are_percent_encoded():
+    loaded = load_settings({**AZURE, "otelHeaders": {"x-key": "a%b,c=d e"}}, location=REGION)
+    assert loaded.otel_headers == "x-key=a%25b%2Cc%3Dd%20e"
+    assert load_settings({**AZURE, "otelHeaders": "x-key=a%b"}, location=REGION).otel_headers == "x-key=a%25b"
+
+
+def test_unprintable_otel_header_value_is_refused():
+    problems = problems_for(otelHeaders={"x-key": "caf\u00e9"})
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("chroma-infra:otelHeaders = [secret]: entry 1"), problems[0]
+
+
+def test_new_checks_stop_the_real_program_before_any_resource():
+    with pytest.raises(SettingsError) as raised:
+        run_program(
+            "dev",
+            {"sshPublicKey": PRIVATE_KEY, "allowedCidrs": ["2001:db8::/32"], "dataDiskSizeGb": "1e400"},
+        )
+    message = str(raised.value)
+    for key in ("sshPublicKey", "allowedCidrs", "dataDiskSizeGb"):
+        assert f"chroma-infra:{key} = " in message
+    assert "b3BlbnNzaC1rZXkt" not in message, "the private key was echoed"
