@@ -11,6 +11,7 @@ the VM's exact Caddyfile, and the compose file's health checks pass unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -381,3 +382,49 @@ def test_compose_health_checks_pass_unchanged_against_the_real_servers(tmp_path)
             with started(command, caddy_env, log) as caddy:
                 wait_until(lambda: passes(enter, proxy_probe), 30, "the proxy's compose health check", caddy)
         assert not passes(enter, chroma_probe), "Chroma is stopped, so its check must fail again"
+
+
+def async_call(site: ProxySite, call, **kwargs):
+    """`call(client)` with chromadb's AsyncHttpClient to the proxy, on a fresh event loop."""
+    loop = asyncio.new_event_loop()
+
+    async def run():
+        client = await chromadb.AsyncHttpClient(host=SITE, port=site.https_port, ssl=True, **kwargs)
+        return await call(client)
+
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
+def test_async_client_works_with_the_token_as_a_header_and_not_through_settings(proxy):
+    """What README's async example relies on: a header works; a token in Settings is ignored (401)."""
+    auth_header, site, caddy = proxy
+    verify = {"chroma_server_ssl_verify": str(caddy.local_ca), "anonymized_telemetry": False}
+    header = {auth_header: runtime.auth_value(auth_header, TOKEN)}
+    listed = async_call(
+        site, lambda client: client.list_collections(limit=1), headers=header, settings=Settings(**verify)
+    )
+    assert isinstance(listed, list)
+    through_settings = Settings(
+        **verify,
+        chroma_client_auth_provider="chromadb.auth.token_authn.TokenAuthClientProvider",
+        chroma_client_auth_credentials=TOKEN,
+        chroma_auth_token_transport_header=auth_header,
+    )
+    # chromadb raises a bare Exception with the proxy's 401 body.
+    with pytest.raises(Exception, match=r"^Unauthorized$"):
+        async_call(site, lambda client: client.list_collections(limit=1), settings=through_settings)
+
+
+def test_async_client_verifies_tls_only_when_told_to(proxy):
+    """AsyncHttpClient passes verify=False unless chroma_server_ssl_verify is set: README says to set it."""
+    auth_header, site, _ = proxy
+    header = {auth_header: runtime.auth_value(auth_header, TOKEN)}
+    # Caddy's internal CA is in no trust store here, yet the async client's default accepts it.
+    unverified = Settings(anonymized_telemetry=False)
+    assert async_call(site, lambda client: client.heartbeat(), headers=header, settings=unverified) > 0
+    verified = Settings(chroma_server_ssl_verify=True, anonymized_telemetry=False)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        async_call(site, lambda client: client.heartbeat(), headers=header, settings=verified)
