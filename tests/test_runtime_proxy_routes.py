@@ -5,7 +5,8 @@ every request Caddy forwards. Chroma 1.x checks no token itself, so whatever the
 is served; the question is exactly which request lines reach it. The only tokenless requests
 that may reach it are `GET` and `HEAD` of the heartbeat, as exactly that path. Paths that only
 normalise to the heartbeat (encoded slashes, dot segments, letter case, extra slashes, encoded
-letters) must be answered by the proxy itself. Requests are sent with http.client, which sends
+letters) must be answered by the proxy itself, on the VM's site (HTTPS) and the local stack's (HTTP),
+both rendered by the same function. Requests are sent with http.client, which sends
 the path as given (httpx and browsers would clean it first).
 """
 
@@ -18,13 +19,14 @@ import socketserver
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from live import LOOPBACK, Caddy, tls_proxy
+from live import LOOPBACK, caddy_server, free_port, tls_proxy
 
-from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, ProxySite, auth_value
+from components.local_docker import LOCAL_SITE, PROXY_CONTAINER_PORT
+from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, auth_value, render_caddyfile
 
 TOKEN = "RoutesTestToken0123456789abcdef.~+/x="
 SITE = "localhost"
@@ -123,38 +125,70 @@ def upstream() -> Iterator[Recorder]:
         yield recorder
 
 
-@pytest.fixture(scope="module", params=AUTH_HEADERS)
-def proxy(request, upstream, tmp_path_factory) -> Iterator[tuple[str, ProxySite, Caddy]]:
+@dataclass
+class Proxy:
+    """A running Caddy on a rendered Caddyfile: the VM's (HTTPS, internal CA) or the local stack's (HTTP)."""
+
+    auth_header: str
+    port: int
+    ca: Path | None
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.ca is None:
+            return http.client.HTTPConnection(LOOPBACK, self.port, timeout=10)
+        context = ssl.create_default_context(cafile=str(self.ca))
+        return http.client.HTTPSConnection(SITE, self.port, context=context, timeout=10)
+
+    def send(self, method: str, target: str, headers: dict[str, str] | None = None) -> int:
+        """The status of one request whose request line is exactly `method target HTTP/1.1`."""
+        connection = self.connection()
+        try:
+            connection.putrequest(method, target, skip_host=False, skip_accept_encoding=True)
+            for name, value in (headers or {}).items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    def raw_request(self, head: bytes) -> bytes:
+        """The start of the response to a request written byte for byte (for request lines http.client refuses)."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=10) as raw:
+            if self.ca is None:
+                raw.sendall(head)
+                return raw.recv(4096)
+            context = ssl.create_default_context(cafile=str(self.ca))
+            with context.wrap_socket(raw, server_hostname=SITE) as tls:
+                tls.sendall(head)
+                return tls.recv(4096)
+
+
+FLAVOURS = [(flavour, header) for flavour in ("vm", "local") for header in AUTH_HEADERS]
+
+
+@pytest.fixture(scope="module", params=FLAVOURS, ids=[f"{flavour}-{header}" for flavour, header in FLAVOURS])
+def proxy(request, upstream, tmp_path_factory) -> Iterator[Proxy]:
+    flavour, auth_header = request.param
     workdir: Path = tmp_path_factory.mktemp("caddy-routes")
-    with tls_proxy(workdir, f"{LOOPBACK}:{upstream.port}", request.param, TOKEN) as (site, caddy):
-        yield request.param, site, caddy
-
-
-def send(site: ProxySite, caddy: Caddy, method: str, target: str, headers: dict[str, str] | None = None) -> int:
-    """The status of one request whose request line is exactly `method target HTTP/1.1`."""
-    context = ssl.create_default_context(cafile=str(caddy.local_ca))
-    connection = http.client.HTTPSConnection(SITE, site.https_port, context=context, timeout=10)
-    try:
-        connection.putrequest(method, target, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
-
-
-def raw_request(site: ProxySite, caddy: Caddy, head: bytes) -> bytes:
-    """The start of the response to a request written byte for byte (for request lines http.client refuses)."""
-    context = ssl.create_default_context(cafile=str(caddy.local_ca))
-    with (
-        socket.create_connection((LOOPBACK, site.https_port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname=SITE) as tls,
-    ):
-        tls.sendall(head)
-        return tls.recv(4096)
+    upstream_address = f"{LOOPBACK}:{upstream.port}"
+    if flavour == "vm":
+        with tls_proxy(workdir, upstream_address, auth_header, TOKEN) as (site, caddy):
+            yield Proxy(auth_header, site.https_port, caddy.local_ca)
+        return
+    # The local stack's site (plain HTTP on every address), moved to a free port on loopback.
+    assert LOCAL_SITE.site_address == f"http://:{PROXY_CONTAINER_PORT}"
+    port = free_port()
+    site = replace(
+        LOCAL_SITE,
+        site_address=f"http://:{port}",
+        upstream=upstream_address,
+        bind_address=LOOPBACK,
+        health_port=free_port(),
+    )
+    with caddy_server(workdir, render_caddyfile(site, auth_header, TOKEN), [port]):
+        yield Proxy(auth_header, port, None)
 
 
 def forwarded(upstream: Recorder) -> list[str]:
@@ -162,12 +196,11 @@ def forwarded(upstream: Recorder) -> list[str]:
 
 
 def test_exact_heartbeat_goes_upstream_as_itself_without_any_token(proxy, upstream):
-    _, site, caddy = proxy
     upstream.take()
     both_tokens = {header: auth_value(header, TOKEN) for header in AUTH_HEADERS}
     for method in ("GET", "HEAD"):
-        assert send(site, caddy, method, HEARTBEAT_PATH) == 200
-        assert send(site, caddy, method, HEARTBEAT_PATH, both_tokens) == 200
+        assert proxy.send(method, HEARTBEAT_PATH) == 200
+        assert proxy.send(method, HEARTBEAT_PATH, both_tokens) == 200
     heads = upstream.take()
     assert [head[0] for head in heads] == [
         f"{method} {HEARTBEAT_PATH} HTTP/1.1" for method in ("GET", "GET", "HEAD", "HEAD")
@@ -179,10 +212,9 @@ def test_exact_heartbeat_goes_upstream_as_itself_without_any_token(proxy, upstre
 
 @pytest.mark.parametrize("path", PATH_VARIANTS)
 def test_tokenless_path_variants_never_reach_another_route(proxy, upstream, path):
-    _, site, caddy = proxy
     upstream.take()
     for method in ("GET", "HEAD"):
-        status = send(site, caddy, method, path)
+        status = proxy.send(method, path)
         seen = forwarded(upstream)
         if seen:
             assert seen == [f"{method} {HEARTBEAT_PATH} HTTP/1.1"], f"{method} {path} reached the upstream as {seen}"
@@ -192,24 +224,22 @@ def test_tokenless_path_variants_never_reach_another_route(proxy, upstream, path
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_other_methods_on_the_heartbeat_need_the_token(proxy, upstream, method):
-    _, site, caddy = proxy
     upstream.take()
-    status = send(site, caddy, method, HEARTBEAT_PATH)
+    status = proxy.send(method, HEARTBEAT_PATH)
     assert forwarded(upstream) == [], f"{method} {HEARTBEAT_PATH} reached the upstream without a token"
     assert status in (400, 401, 405)
 
 
 def test_absolute_form_request_line_goes_upstream_only_as_the_heartbeat(proxy, upstream):
-    _, site, caddy = proxy
     upstream.take()
     for target in (f"https://{SITE}{HEARTBEAT_PATH}", f"https://{SITE}/api/v2/x/..%2Fheartbeat"):
-        raw_request(site, caddy, f"GET {target} HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
+        proxy.raw_request(f"GET {target} HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
         seen = forwarded(upstream)
         assert seen in ([], [f"GET {HEARTBEAT_PATH} HTTP/1.1"]), f"GET {target} reached the upstream as {seen}"
 
 
 def test_bearer_scheme_is_case_insensitive_and_the_token_exact(proxy, upstream):
-    auth_header, site, caddy = proxy
+    auth_header = proxy.auth_header
     upstream.take()
     path = "/api/v2/version"
     if auth_header == AUTHORIZATION:
@@ -220,21 +250,21 @@ def test_bearer_scheme_is_case_insensitive_and_the_token_exact(proxy, upstream):
         accepted = [TOKEN]
         refused = [TOKEN.lower(), f"{TOKEN}x", f"Bearer {TOKEN}", f" x{TOKEN}", TOKEN[:-1]]
     for value in accepted:
-        assert send(site, caddy, "GET", path, {auth_header: value}) == 200, f"{auth_header}: {value!r} was refused"
+        assert proxy.send("GET", path, {auth_header: value}) == 200, f"{auth_header}: {value!r} was refused"
     heads = upstream.take()
     assert [head[0] for head in heads] == [f"GET {path} HTTP/1.1"] * len(accepted)
     for head in heads:
         assert not any(TOKEN in line for line in head), f"the token reached the upstream: {head}"
     for value in refused:
-        assert send(site, caddy, "GET", path, {auth_header: value}) == 401, f"{auth_header}: {value!r} was accepted"
+        assert proxy.send("GET", path, {auth_header: value}) == 401, f"{auth_header}: {value!r} was accepted"
     assert forwarded(upstream) == []
 
 
 def test_token_in_the_other_header_is_stripped_too(proxy, upstream):
-    auth_header, site, caddy = proxy
+    auth_header = proxy.auth_header
     (other,) = [header for header in AUTH_HEADERS if header != auth_header]
     upstream.take()
     headers = {auth_header: auth_value(auth_header, TOKEN), other: auth_value(other, TOKEN)}
-    assert send(site, caddy, "GET", "/api/v2/version", headers) == 200
+    assert proxy.send("GET", "/api/v2/version", headers) == 200
     (head,) = upstream.take()
     assert not any(TOKEN in line for line in head), f"a token reached the upstream: {head}"
