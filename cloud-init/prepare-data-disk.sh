@@ -78,7 +78,8 @@ bytes_at() {
 	dd if="$1" bs=1 skip="$2" count="$3" status=none | tr -d '\0'
 }
 
-# Prints what makes the device not blank (empty when it is blank), reading at most 2 windows.
+# Prints what makes the device not blank, or "blank" once every check has passed: anything else,
+# an empty answer included, keeps the disk untouched. Reads the two windows and a few sectors.
 not_blank_reason() {
 	local device=$1 size=$2 window=$3 sector
 	for sector in 512 4096; do
@@ -107,6 +108,8 @@ not_blank_reason() {
 		echo "data in its first $((window / 1048576)) MiB, where partitions start"
 	elif ! zeros_at "$device" $((size - window)) "$window"; then
 		echo "data in its last $((window / 1048576)) MiB, where partitions end and a backup GPT lives"
+	else
+		echo blank
 	fi
 }
 
@@ -138,8 +141,8 @@ else
 	size=$(blockdev --getsize64 "$device")
 	window=$((size < window_bytes ? size : window_bytes))
 	reason=$(not_blank_reason "$device" "$size" "$window")
-	if [[ -n "$reason" ]]; then
-		fail "$device (LUN $lun) has no filesystem signature at its start but holds $reason. Refusing to format it; nothing was written. $(wipe_hint "$device" "$size")"
+	if [[ "$reason" != blank ]]; then
+		fail "$device (LUN $lun) has no filesystem signature at its start but holds ${reason:-something the checks could not read}. Refusing to format it; nothing was written. $(wipe_hint "$device" "$size")"
 	fi
 	log "$device (LUN $lun) is blank: no signature, no partition table, zeros in its first and last $((window / 1048576)) MiB (read $((2 * window / 1048576)) MiB of $((size / 1048576)) MiB); making an ext4 filesystem labelled $label."
 	# No -F: mke2fs asks before overwriting anything it recognises, and there is no one to say yes.
