@@ -182,8 +182,10 @@ def test_heartbeat_is_open_without_a_token(proxy):
     _, site, caddy = proxy
     with https(site, caddy) as client:
         response = client.get(HEARTBEAT_PATH)
+        head = client.head(HEARTBEAT_PATH)
     assert response.status_code == 200
     assert "nanosecond heartbeat" in response.json()
+    assert head.status_code == 200, "HEAD of the heartbeat is treated like GET"
 
 
 @pytest.mark.parametrize(("method", "path"), GUARDED)
