@@ -279,9 +279,10 @@ def test_endpoint_that_never_answers_fails_after_the_wait(capsys: pytest.Capture
 
 def test_proxy_up_but_chroma_not_yet_keeps_retrying(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # What a booting VM looks like once Caddy is up and Chroma is not: 502 until the wait runs out.
+    # --wait 3, not 1: the first pause is the full 1.0s backoff unless the first try takes 2s.
     not_started = Chroma(port=free_port(), persist_path=tmp_path / "data", log=tmp_path / "chroma.log")
     with proxied(tmp_path / "caddy", not_started, AUTHORIZATION) as booting:
-        outcome = run(capsys, "--endpoint", booting.endpoint, "--token", TOKEN, "--wait", "1", "--json")
+        outcome = run(capsys, "--endpoint", booting.endpoint, "--token", TOKEN, "--wait", "3", "--json")
 
     assert outcome.code == 1
     assert outcome.check("reachable")["detail"].endswith("last error: heartbeat answered 502")
