@@ -6,6 +6,8 @@ boundary, in the component.
 
 from __future__ import annotations
 
+import base64
+import gzip
 from typing import Any
 
 import yaml
@@ -20,6 +22,10 @@ CADDY_DATA_DIR = f"{DATA_MOUNT}/caddy"
 COMPOSE_FILE = f"{CONFIG_DIR}/compose.yaml"
 CADDYFILE = f"{CONFIG_DIR}/Caddyfile"
 DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
+# On the host for the operator (verify, repair; README's runbook), and mounted into the guard.
+DATA_TOOL = "/usr/local/sbin/chroma-data"
+# Mounted into the chroma container as its entrypoint.
+START_SCRIPT = "/usr/local/lib/chroma/chroma-start.sh"
 UNIT_DIR = "/etc/systemd/system"
 UNIT_FILES = ("chroma-data-disk.service", "srv-chroma.mount", "chroma.service")
 # `systemd-escape --path --suffix=device /dev/disk/by-label/chroma-data`: the mount's device.
@@ -69,10 +75,28 @@ def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
         "services": {
             "chroma": {
                 "image": runtime.chroma_image(chroma_version),
+                "entrypoint": list(runtime.CHROMA_ENTRYPOINT),
+                "command": list(runtime.CHROMA_COMMAND),
                 "restart": "unless-stopped",
                 "environment": runtime.chroma_env(otel),
-                "volumes": [_bind(CHROMA_DATA_DIR, "/data")],
+                "volumes": [
+                    _bind(CHROMA_DATA_DIR, runtime.CHROMA_DATA_PATH),
+                    _bind(START_SCRIPT, runtime.START_SCRIPT_PATH, read_only=True),
+                ],
                 "healthcheck": _healthcheck(runtime.CHROMA_HEALTHCHECK),
+                "stop_signal": runtime.CHROMA_STOP_SIGNAL,
+                "stop_grace_period": f"{runtime.CHROMA_STOP_GRACE_SECONDS}s",
+                "oom_score_adj": runtime.CHROMA_OOM_SCORE_ADJ,
+            },
+            # Checks the data before each start of Chroma and rebuilds after a crash (chroma-start.sh).
+            "guard": {
+                "image": runtime.GUARD_IMAGE,
+                "command": list(runtime.GUARD_COMMAND),
+                "restart": "unless-stopped",
+                "volumes": [
+                    _bind(CHROMA_DATA_DIR, runtime.CHROMA_DATA_PATH),
+                    _bind(DATA_TOOL, runtime.DATA_TOOL_PATH, read_only=True),
+                ],
             },
             "proxy": {
                 "image": runtime.CADDY_IMAGE,
@@ -106,6 +130,12 @@ def _file(path: str, content: str, permissions: str) -> dict[str, str]:
     return {"path": path, "content": content, "owner": "root:root", "permissions": permissions}
 
 
+def _compressed_file(path: str, content: str, permissions: str) -> dict[str, str]:
+    # Custom data is capped at 64 KiB of base64; the data tool is the largest file by far.
+    packed = base64.b64encode(gzip.compress(content.encode("utf-8"), mtime=0)).decode("ascii")
+    return {**_file(path, packed, permissions), "encoding": "gz+b64"}
+
+
 def render_cloud_config(
     *,
     fqdn: str,
@@ -123,6 +153,8 @@ def render_cloud_config(
         _file(CADDYFILE, caddyfile, "0600"),
         _file(COMPOSE_FILE, render_compose(chroma_version, otel), "0600"),
         _file(DISK_SCRIPT, (TEMPLATE_DIR / "prepare-data-disk.sh").read_text(encoding="utf-8"), "0755"),
+        _file(START_SCRIPT, (TEMPLATE_DIR / "chroma-start.sh").read_text(encoding="utf-8"), "0755"),
+        _compressed_file(DATA_TOOL, (runtime.SCRIPTS_DIR / "chroma_data.py").read_text(encoding="utf-8"), "0755"),
     ]
     files += [
         _file(f"{UNIT_DIR}/{unit}", (TEMPLATE_DIR / unit).read_text(encoding="utf-8"), "0644") for unit in UNIT_FILES
@@ -140,4 +172,10 @@ def render_cloud_config(
 
 def write_files(cloud_config: str) -> dict[str, str]:
     """Path -> content of the files a rendered cloud-config writes (for tests and the local stack)."""
-    return {entry["path"]: entry["content"] for entry in yaml.safe_load(cloud_config)["write_files"]}
+    return {entry["path"]: _decoded(entry) for entry in yaml.safe_load(cloud_config)["write_files"]}
+
+
+def _decoded(entry: dict[str, str]) -> str:
+    if entry.get("encoding") == "gz+b64":
+        return gzip.decompress(base64.b64decode(entry["content"])).decode("utf-8")
+    return entry["content"]

@@ -3,9 +3,13 @@
 The proxy config, Chroma's environment, the images and the health checks come from
 components.runtime, as on the VM; only the proxy's site differs (plain HTTP, published on
 127.0.0.1:hostPort). Chroma is published on no host port, and its data lives in a named volume.
+As on the VM, every start of Chroma's container is checked by the guard container first
+(scripts/chroma_data.py, cloud-init/chroma-start.sh), so a crash is repaired before clients return.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pulumi
 import pulumi_docker as docker
@@ -30,6 +34,10 @@ def _healthcheck(test: tuple[str, ...]) -> docker.ContainerHealthcheckArgs:
         retries=runtime.HEALTHCHECK_RETRIES,
         start_period=f"{runtime.HEALTHCHECK_START_PERIOD_SECONDS}s",
     )
+
+
+def _upload(path: str, source: Path) -> docker.ContainerUploadArgs:
+    return docker.ContainerUploadArgs(file=path, content=source.read_text(encoding="utf-8"), executable=True)
 
 
 class ChromaLocalDocker(pulumi.ComponentResource):
@@ -59,16 +67,40 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             f"{name}-chroma-image", name=runtime.chroma_image(args.chroma_version), keep_locally=True, opts=child
         )
         proxy_image = docker.RemoteImage(f"{name}-proxy-image", name=runtime.CADDY_IMAGE, keep_locally=True, opts=child)
+        guard_image = docker.RemoteImage(f"{name}-guard-image", name=runtime.GUARD_IMAGE, keep_locally=True, opts=child)
+        data = docker.ContainerVolumeArgs(volume_name=volume.name, container_path=runtime.CHROMA_DATA_PATH)
+        # Answers every start of Chroma's container (chroma-start.sh): repair after a crash, keep the log.
+        docker.Container(
+            f"{name}-guard",
+            name=f"{prefix}-guard",
+            image=guard_image.image_id,
+            command=list(runtime.GUARD_COMMAND),
+            uploads=[_upload(runtime.DATA_TOOL_PATH, runtime.SCRIPTS_DIR / "chroma_data.py")],
+            volumes=[data],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
+            restart="unless-stopped",
+            opts=child,
+        )
 
+        # Docker's API, as this provider uses it, has no oom_score_adj: chroma-start.sh sets it, which
+        # needs CAP_SYS_RESOURCE.
         chroma_env = [f"{key}={value}" for key, value in runtime.chroma_env(args.otel).items()]
+        chroma_env.append(f"CHROMA_OOM_SCORE_ADJ={runtime.CHROMA_OOM_SCORE_ADJ}")
         chroma = docker.Container(
             f"{name}-chroma",
             name=f"{prefix}-chroma",
             image=chroma_image.image_id,
+            entrypoints=list(runtime.CHROMA_ENTRYPOINT),
+            command=list(runtime.CHROMA_COMMAND),
+            uploads=[_upload(runtime.START_SCRIPT_PATH, runtime.TEMPLATE_DIR / "chroma-start.sh")],
             envs=pulumi.Output.secret(chroma_env) if args.otel_headers else chroma_env,
-            volumes=[docker.ContainerVolumeArgs(volume_name=volume.name, container_path="/data")],
+            volumes=[data],
+            capabilities=docker.ContainerCapabilitiesArgs(adds=["SYS_RESOURCE"]),
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=["chroma"])],
             healthcheck=_healthcheck(runtime.CHROMA_HEALTHCHECK),
+            stop_signal=runtime.CHROMA_STOP_SIGNAL,
+            stop_timeout=runtime.CHROMA_STOP_GRACE_SECONDS,
+            destroy_grace_seconds=runtime.CHROMA_STOP_GRACE_SECONDS,
             restart="unless-stopped",
             wait=True,
             wait_timeout=HEALTHY_WITHIN_SECONDS,

@@ -20,6 +20,27 @@ PROXY_HEALTH_PORT = 2020
 HEARTBEAT_PATH = "/api/v2/heartbeat"
 CADDY_IMAGE = "caddy:2.10.2"
 CHROMA_IMAGE_REPOSITORY = "chromadb/chroma"
+# The guard runs scripts/chroma_data.py (standard library only) beside Chroma, whose image has no Python.
+GUARD_IMAGE = "python:3.12-slim-bookworm"
+
+# Crash safety (scripts/chroma_data.py, cloud-init/chroma-start.sh). Chroma's data directory in its
+# container, and where the start script and the data tool are mounted or uploaded.
+CHROMA_DATA_PATH = "/data"
+START_SCRIPT_PATH = "/usr/local/bin/chroma-start.sh"
+DATA_TOOL_PATH = "/usr/local/bin/chroma_data.py"
+SCRIPTS_DIR = TEMPLATE_DIR.parent / "scripts"
+# Every start goes through chroma-start.sh, which waits for the guard's check; dumb-init (in the
+# image) forwards SIGTERM as the image's own entrypoint does.
+CHROMA_ENTRYPOINT = ("dumb-init", "--", "bash", START_SCRIPT_PATH)
+CHROMA_COMMAND = ("chroma", "run", "/config.yaml")
+GUARD_COMMAND = ("python3", DATA_TOOL_PATH, "guard", CHROMA_DATA_PATH, "--endpoint", f"http://chroma:{CHROMA_PORT}")
+# SIGKILL is what breaks Chroma's indexes. It exits within a second of SIGTERM (measured 0.3 s on
+# 1.5.9), so this grace is never reached; after it, Docker would SIGKILL.
+CHROMA_STOP_SIGNAL = "SIGTERM"
+CHROMA_STOP_GRACE_SECONDS = 60
+# Under memory pressure the kernel's OOM killer picks other processes first (-1000 would exempt
+# Chroma entirely and leave the kernel nothing to free when Chroma itself is the leak).
+CHROMA_OOM_SCORE_ADJ = -900
 
 AUTHORIZATION = "Authorization"
 X_CHROMA_TOKEN = "X-Chroma-Token"  # noqa: S105 - a header name, not a secret
@@ -27,14 +48,18 @@ AUTH_HEADERS = (AUTHORIZATION, X_CHROMA_TOKEN)
 # RFC 6750 token68: what may follow "Bearer " without quoting, and all a token may hold.
 TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
-# The Chroma image has bash but no curl: speak HTTP over bash's /dev/tcp and want a 200.
+# The Chroma image has bash but no curl: speak HTTP over bash's /dev/tcp and want a 200. Healthy
+# also needs the guard's ready file: the proxy (which waits for healthy) opens only after the
+# write log is kept and any rebuild is done. CHROMA_DATA_DIR is unset in the container.
+READY_FILE = ".ready"
 CHROMA_HEALTHCHECK = (
     "CMD",
     "bash",
     "-c",
     f"exec 3<>/dev/tcp/127.0.0.1/{CHROMA_PORT}"
     f" && printf 'GET {HEARTBEAT_PATH} HTTP/1.0\\r\\n\\r\\n' >&3"
-    " && read -r status <&3 && [[ $status == *' 200 '* ]]",
+    " && read -r status <&3 && [[ $status == *' 200 '* ]]"
+    f" && [[ -f ${{CHROMA_DATA_DIR:-{CHROMA_DATA_PATH}}}/{READY_FILE} ]]",
 )
 # Caddy's image is Alpine-based: busybox wget is there.
 PROXY_HEALTHCHECK = ("CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{PROXY_HEALTH_PORT}/healthz")
