@@ -598,6 +598,12 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     except UsageError as error:
         log(f"error: {error}")
         return EXIT_USAGE
+    except urllib.error.URLError as error:
+        hint = (
+            " (check --token or CHROMA_TOKEN, and --auth-header)" if getattr(error, "code", None) in (401, 403) else ""
+        )
+        log(f"{args.command}: {getattr(args, 'endpoint', None) or 'endpoint'}: {_error_text(error)}{hint}")
+        return EXIT_BROKEN
     except (RefusedError, sqlite3.Error, OSError) as error:
         log(f"{args.command}: refused: {error}")
         return EXIT_BROKEN

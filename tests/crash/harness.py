@@ -34,10 +34,15 @@ DIMENSIONS = 32
 # the unsynced index files more often, so small collections cross many persists.
 HNSW_CONFIGURATION = {"hnsw": {"sync_threshold": 60, "batch_size": 30}}
 BATCH = 20
+COLLECTION_NAMES = ["crash-alpha", "crash-beta"]
 BASE = "/api/v2/tenants/default_tenant/databases/default_database"
 # The server `chroma run` starts, without the seconds the `chroma` script spends importing the
 # Python client first (it then hands its arguments to these same bindings). Many starts add up.
-CHROMA_RUN = [sys.executable, "-c", "import sys, chromadb_rust_bindings; chromadb_rust_bindings.cli(['chroma', *sys.argv[1:]])"]
+CHROMA_RUN = [
+    sys.executable,
+    "-c",
+    "import sys, chromadb_rust_bindings; chromadb_rust_bindings.cli(['chroma', *sys.argv[1:]])",
+]
 
 
 def load_chroma_data():

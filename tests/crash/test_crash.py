@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.crash.harness import (
+    COLLECTION_NAMES,
     ROOT,
     Ledger,
     Server,
@@ -44,7 +45,6 @@ pytestmark = pytest.mark.crash
 
 KILL9_ITERATIONS = 30
 SNAPSHOT_ITERATIONS = 20
-COLLECTIONS = ["crash-alpha", "crash-beta"]
 REPORT = ROOT / "build" / "crash-report.json"
 
 
@@ -94,15 +94,33 @@ def as_is(copy: Path, workdir: Path, ledger: Ledger) -> list[str]:
         remove(workdir)
 
 
-def control_restart(data_dir: Path, workdir: Path, ledger: Ledger) -> tuple[list[str], int]:
-    """Chroma's default config after the same crash: (problems, acknowledged records lost)."""
+def control_restart(data_dir: Path, workdir: Path, ledger: Ledger) -> list[str]:
+    """Chroma's default config after the same crash, restarted as it is: what it got wrong."""
     try:
         with running(data_dir, workdir) as server:
-            problems = check_server(server, ledger)
+            return check_server(server, ledger)
     except RuntimeError as error:
-        problems = [f"did not start: {error}"]
-    lost = sum(int(problem.split(": ")[1].split()[0]) for problem in problems if "records missing" in problem)
-    return problems, lost
+        return [f"did not start: {error}"]
+
+
+class ControlLosses:
+    """What Chroma's default config lost over a crash kind: copies affected, collections, records."""
+
+    def __init__(self) -> None:
+        self.iterations = self.broken = self.unreadable_collections = self.lost_or_wrong_records = 0
+
+    def add(self, problems: list[str]) -> None:
+        self.iterations += 1
+        self.broken += bool(problems)
+        for problem in problems:
+            words = problem.split(": ", 1)[-1].split()
+            if words and words[0].isdigit() and "records" in problem:
+                self.lost_or_wrong_records += int(words[0])
+            else:
+                self.unreadable_collections += 1
+
+    def report(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 def summary(iterations: int, broken: int, whole: int, seconds: list[float]) -> dict:
@@ -122,12 +140,12 @@ def test_kill9_during_writes_is_repaired_whole(tmp_path: Path, capsys) -> None:
     chroma_data.keep_log(project_dir)  # as after-start does before the proxy opens
     control = start_server(control_dir, tmp_path / "control-run")
     broken_before, whole_after, seconds, failures = 0, 0, [], []
-    control_broken, control_lost = 0, 0
+    control_losses = ControlLosses()
     with futures.ThreadPoolExecutor(max_workers=2) as pool:
         for iteration in range(KILL9_ITERATIONS):
             with (
-                Writer(project, project_ledger, COLLECTIONS, seed=iteration),
-                Writer(control, control_ledger, COLLECTIONS, seed=1000 + iteration),
+                Writer(project, project_ledger, COLLECTION_NAMES, seed=iteration),
+                Writer(control, control_ledger, COLLECTION_NAMES, seed=1000 + iteration),
             ):
                 time.sleep(rng.uniform(0.4, 1.6))
                 project.kill9()
@@ -147,21 +165,16 @@ def test_kill9_during_writes_is_repaired_whole(tmp_path: Path, capsys) -> None:
                 whole_after += 1
             # The server the recovery started carries on: later crashes hit a repaired directory.
             project_ledger = settle(project, expected)
-            problems, lost = controlled.result()
+            problems = controlled.result()
+            control_losses.add(problems)
             if problems:
-                control_broken += 1
-                control_lost += lost
                 remove(control_dir)  # the next control crash starts from a healthy directory
                 control_ledger = Ledger()
             control = start_server(control_dir, tmp_path / f"control-run-{iteration}")
     project.kill9()
     control.kill9()
     report = summary(KILL9_ITERATIONS, broken_before, whole_after, seconds)
-    report["control_default_config"] = {
-        "iterations": KILL9_ITERATIONS,
-        "broken": control_broken,
-        "lost_records": control_lost,
-    }
+    report["control_default_config"] = control_losses.report()
     report["acknowledged_writes"] = project_ledger.acknowledged_writes
     write_report("kill9", report)
     assert not failures, "\n".join(failures)
@@ -259,8 +272,8 @@ def test_crash_consistent_copies_are_repaired_whole(tmp_path: Path, capsys) -> N
         control = start_server(control_dir, tmp_path / "control-run")
         stack.callback(control.kill9)
         with (
-            Writer(project, project_ledger, COLLECTIONS, seed=1) as project_writer,
-            Writer(control, control_ledger, COLLECTIONS, seed=2) as control_writer,
+            Writer(project, project_ledger, COLLECTION_NAMES, seed=1) as project_writer,
+            Writer(control, control_ledger, COLLECTION_NAMES, seed=2) as control_writer,
         ):
             for iteration in range(SNAPSHOT_ITERATIONS):
                 time.sleep(rng.uniform(0.3, 1.0))
@@ -268,7 +281,7 @@ def test_crash_consistent_copies_are_repaired_whole(tmp_path: Path, capsys) -> N
                 ledgers = disk.snapshot(image, lambda: (project_writer.snapshot(), control_writer.snapshot()))
                 copies.append((image, *ledgers))
     broken_before, whole_after, seconds, failures = 0, 0, [], []
-    control_broken, control_lost = 0, 0
+    control_losses = ControlLosses()
     with futures.ThreadPoolExecutor(max_workers=2) as pool:
         for iteration, (image, project_expected, control_expected) in enumerate(copies):
             restored = tmp_path / f"restored-{iteration}"
@@ -293,16 +306,10 @@ def test_crash_consistent_copies_are_repaired_whole(tmp_path: Path, capsys) -> N
                 failures.append(f"snapshot #{iteration}: {problems}\n{recovery_log}")
             else:
                 whole_after += 1
-            problems, lost = controlled.result()
-            control_broken += bool(problems)
-            control_lost += lost
+            control_losses.add(controlled.result())
             remove(restored)
     report = summary(SNAPSHOT_ITERATIONS, broken_before, whole_after, seconds)
-    report["control_default_config"] = {
-        "iterations": SNAPSHOT_ITERATIONS,
-        "broken": control_broken,
-        "lost_records": control_lost,
-    }
+    report["control_default_config"] = control_losses.report()
     report["acknowledged_writes"] = project_ledger.acknowledged_writes
     write_report("snapshot", report)
     assert len(copies) == SNAPSHOT_ITERATIONS
