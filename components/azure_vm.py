@@ -2,6 +2,7 @@
 
 The data disk is a separate resource in its own resource group, attached at LUN 0 with delete
 option Detach and protected by default, so replacing or deleting the VM never deletes the data.
+Azure Backup for disks snapshots it (components/backup.py), and `dataDiskSourceId` restores one.
 Only 443 (from allowedCidrs), 80 (ACME challenges and the redirect) and, when asked, 22 are open;
 Chroma's port is published on no host port at all. With a `zone`, the VM is pinned to it while the
 disk (ZRS) and the public IP span all zones, so a change of zone replaces the VM and nothing else.
@@ -19,6 +20,7 @@ import pulumi_azure_native.resources as resources
 import pulumi_random as random
 
 from components import credentials, sizing, zones
+from components.backup import DataDiskBackup, DataDiskBackupArgs
 from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config
 from components.runtime import HEARTBEAT_PATH
 from components.settings import Settings
@@ -118,9 +120,28 @@ class ChromaAzureVm(pulumi.ComponentResource):
             resource_group_name=data_group.name,
             sku=compute.DiskSkuArgs(name=args.data_disk_sku),
             disk_size_gb=args.data_disk_size_gb,
-            creation_data=compute.CreationDataArgs(create_option=compute.DiskCreateOption.EMPTY),
+            creation_data=self._data_disk_source(),
             tags=tags,
             opts=keep_data,
+        )
+        self.backup = (
+            DataDiskBackup(
+                f"{name}-backup",
+                DataDiskBackupArgs(
+                    disk_id=data_disk.id,
+                    disk_name=data_disk.name,
+                    resource_group_name=data_group.name,
+                    resource_group_id=data_group.id,
+                    location=args.location,
+                    interval_hours=args.backup_interval_hours,
+                    retention_days=args.backup_retention_days,
+                    protect=args.protect_data_disk,
+                    tags=tags,
+                ),
+                opts=child,
+            )
+            if args.backup_enabled
+            else None
         )
 
         fqdn = public_ip.dns_settings.apply(lambda dns: dns.fqdn)
@@ -209,11 +230,22 @@ class ChromaAzureVm(pulumi.ComponentResource):
             "chromaVersion": self._settings.chroma_version,
             "dataDiskId": self.data_disk_id,
         }
+        if self.backup is not None:
+            outputs["backupVaultId"] = self.backup.vault_id
         if self.ssh_command is not None:
             outputs["sshCommand"] = self.ssh_command
         if self.ssh_private_key is not None:
             outputs["sshPrivateKey"] = self.ssh_private_key
         return outputs
+
+    def _data_disk_source(self) -> compute.CreationDataArgs:
+        # A restore: the new disk is a copy of a snapshot or disk (e.g. one Azure Backup restored).
+        # Chroma's guard repairs it at first start, since a snapshot is only crash-consistent.
+        if self._settings.data_disk_source_id:
+            return compute.CreationDataArgs(
+                create_option=compute.DiskCreateOption.COPY, source_resource_id=self._settings.data_disk_source_id
+            )
+        return compute.CreationDataArgs(create_option=compute.DiskCreateOption.EMPTY)
 
     def _security_rules(self) -> list[network.SecurityRuleArgs]:
         def allow(rule_name: str, priority: int, port: str, sources: list[str], why: str) -> network.SecurityRuleArgs:

@@ -27,6 +27,7 @@ import pulumi
 import yaml
 
 from components import sizing, zones
+from components.backup import BACKUP_INTERVALS_HOURS, MAX_SCHEDULED_SNAPSHOTS, retained_snapshots
 from components.runtime import AUTH_HEADERS, GRANULARITIES, TOKEN68, OtelSettings
 
 PROJECT = "chroma-infra"
@@ -91,6 +92,12 @@ _RESERVED_USERNAMES = frozenset(
         "user5",
     ]
 )
+# A restore source: /subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.Compute/{disks|snapshots}/<name>.
+_DISK_SOURCE_ID = re.compile(
+    r"^/subscriptions/[0-9a-fA-F-]{36}/resourceGroups/[-\w.()]{1,90}/providers/Microsoft\.Compute/"
+    r"(disks|snapshots)/[-\w.]{1,80}$",
+    re.IGNORECASE,
+)
 _SSH_KEY = re.compile(r"^(ssh-rsa|ssh-ed25519|ecdsa-sha2-nistp(256|384|521)) ([A-Za-z0-9+/]+={0,3})( .*)?$")
 _ECDSA_POINT_BYTES = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
 
@@ -123,6 +130,10 @@ class Settings:
     data_disk_size_gb: int
     data_disk_sku: str
     zone: str | None
+    data_disk_source_id: str | None
+    backup_enabled: bool
+    backup_interval_hours: int
+    backup_retention_days: int
     protect_data_disk: bool
     admin_username: str
     ssh_public_key: str | None
@@ -430,6 +441,41 @@ def _data_disk_sku(reader: _Reader, vm_size: str, zone: str | None) -> str:
     return sku
 
 
+def _data_disk_source_id(reader: _Reader) -> str | None:
+    key = "dataDiskSourceId"
+    value = reader.string(key)
+    if value and not _DISK_SOURCE_ID.match(value):
+        reader.problem(
+            key,
+            value,
+            "is not the resource id of a managed disk or a disk snapshot. Fix: pulumi config set dataDiskSourceId "
+            "/subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.Compute/snapshots/<name> "
+            "(or .../disks/<name>; `az snapshot show --query id` prints it), or pulumi config rm dataDiskSourceId.",
+        )
+    return value
+
+
+def _backup_schedule(reader: _Reader) -> tuple[int, int]:
+    interval = reader.integer("backupIntervalHours", minimum=1, maximum=24)
+    retention = reader.integer("backupRetentionDays", minimum=1, maximum=3650)
+    allowed = ", ".join(str(hours) for hours in BACKUP_INTERVALS_HOURS)
+    if interval not in BACKUP_INTERVALS_HOURS:
+        reader.problem(
+            "backupIntervalHours",
+            interval,
+            f"is not an interval Azure Backup for disks offers. Fix: use one of {allowed}.",
+        )
+    elif retained_snapshots(interval, retention) > MAX_SCHEDULED_SNAPSHOTS:
+        reader.problem(
+            "backupRetentionDays",
+            retention,
+            f"with a backup every {interval} h keeps {retained_snapshots(interval, retention)} snapshots; a disk "
+            f"keeps at most {MAX_SCHEDULED_SNAPSHOTS} scheduled ones. Fix: pulumi config set backupRetentionDays "
+            f"{MAX_SCHEDULED_SNAPSHOTS * interval // 24}, or a longer backupIntervalHours.",
+        )
+    return interval, retention
+
+
 def _admin_username(reader: _Reader) -> str:
     key = "adminUsername"
     name = reader.string(key) or ""
@@ -567,6 +613,7 @@ def load_settings(
                 "Fix: pulumi config set azure-native:location eastus."
             )
     zone = _zone(reader, target, location)
+    backup_interval_hours, backup_retention_days = _backup_schedule(reader)
     allowed_cidrs = _cidrs(reader, "allowedCidrs")
     if not allowed_cidrs and not reader.problems:
         reader.problem(
@@ -590,6 +637,10 @@ def load_settings(
         data_disk_size_gb=reader.integer("dataDiskSizeGb", minimum=4, maximum=32767),
         data_disk_sku=_data_disk_sku(reader, vm_size, zone),
         zone=zone,
+        data_disk_source_id=_data_disk_source_id(reader),
+        backup_enabled=reader.boolean("backupEnabled"),
+        backup_interval_hours=backup_interval_hours,
+        backup_retention_days=backup_retention_days,
         protect_data_disk=reader.boolean("protectDataDisk"),
         admin_username=_admin_username(reader),
         ssh_public_key=_ssh_public_key(reader),

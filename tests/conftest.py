@@ -28,6 +28,8 @@ MOCK_IP = "203.0.113.10"
 MOCK_REGION = "mockregion"
 MOCK_TOKEN = "MockGeneratedToken0123456789abcdefghijKL"
 MOCK_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nmock\n-----END OPENSSH PRIVATE KEY-----\n"
+MOCK_PRINCIPAL_ID = "11111111-2222-3333-4444-555555555555"
+MOCK_SUBSCRIPTION_ID = "99999999-8888-7777-6666-555555555555"
 MOCK_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockGeneratedKey generated"
 
 
@@ -60,13 +62,23 @@ class Mocks(pulumi.runtime.Mocks):
             outputs["result"] = "q7x2k9"[: int(args.inputs["length"])]
         elif args.typ == "docker:index/remoteImage:RemoteImage":
             outputs["imageId"] = f"sha256:mock-{args.inputs['name']}"
+        elif args.typ == "azure-native:dataprotection:BackupVault":
+            outputs["identity"] = {**args.inputs.get("identity", {}), "principalId": MOCK_PRINCIPAL_ID}
         elif args.typ == "tls:index/privateKey:PrivateKey":
             outputs["publicKeyOpenssh"] = MOCK_PUBLIC_KEY
             outputs["privateKeyOpenssh"] = MOCK_PRIVATE_KEY
         return f"/mock/{args.name}", outputs
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], None]:
-        return {}, None
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
+        # A bare dict: the SDK reads a tuple's second item as a list of check failures.
+        if args.token == "azure-native:authorization:getClientConfig":
+            return {
+                "subscriptionId": MOCK_SUBSCRIPTION_ID,
+                "tenantId": "00000000-0000-0000-0000-0000000000aa",
+                "clientId": "00000000-0000-0000-0000-0000000000bb",
+                "objectId": "00000000-0000-0000-0000-0000000000cc",
+            }
+        return {}
 
 
 class RecordingMonitor(MockMonitor):

@@ -29,8 +29,14 @@ def test_every_resource_is_a_child_of_the_component(dev_run):
     assert component.parent.endswith(f"{PROJECT}-dev"), "the component sits under the stack"
     children = [resource for resource in dev_run.resources if resource.type != COMPONENT]
     assert children, "the component registers children"
+    # Sub-components (the backup) sit under the component, and their resources under them.
+    sub_components = {f"{r.type}::{r.name}" for r in children if r.type.startswith("chroma-infra:")}
     for resource in children:
-        assert resource.parent.endswith(f"{COMPONENT}::chroma"), f"{resource.type} {resource.name} is not parented"
+        parent = resource.parent
+        assert parent.endswith(f"{COMPONENT}::chroma") or any(
+            parent.startswith(f"urn:pulumi:dev::{PROJECT}::{COMPONENT}$") and parent.endswith(sub)
+            for sub in sub_components
+        ), f"{resource.type} {resource.name} is not parented"
         assert resource.name.startswith("chroma-"), resource.name
 
 

@@ -268,8 +268,14 @@ def start_container(data_dir: Path, workdir: Path, port: int) -> subprocess.Pope
     )
 
 
-def ready(data_dir: Path) -> bool:
-    return (data_dir / runtime.READY_FILE).exists()
+def ready(data_dir: Path, previous: str = "") -> bool:
+    """Whether the guard marked this start ready (the file names the start it answered)."""
+    path = data_dir / runtime.READY_FILE
+    return path.exists() and path.read_text() != previous
+
+
+def ready_text(data_dir: Path) -> str:
+    return (data_dir / runtime.READY_FILE).read_text()
 
 
 def test_start_script_and_guard_keep_the_log_from_the_first_start_and_repair_after_a_kill(tmp_path):
@@ -290,9 +296,9 @@ def test_start_script_and_guard_keep_the_log_from_the_first_start_and_repair_aft
         container.wait()
         assert not (data_dir / chroma_data.CLEAN_MARKER).exists()
 
+        previous = ready_text(data_dir)
         container = start_container(data_dir, tmp_path / "c2", port)
-        assert not ready(data_dir)
-        wait_until(lambda: ready(data_dir), 90, "the guard's ready file after a kill", container)
+        wait_until(lambda: ready(data_dir, previous), 90, "the guard's ready file after a kill", container)
         text = guard_log.read_text()
         assert "no clean-shutdown marker" in text
         assert "rebuilt" in text
@@ -304,10 +310,12 @@ def test_start_script_and_guard_keep_the_log_from_the_first_start_and_repair_aft
         assert container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS) == 0
         assert (data_dir / chroma_data.CLEAN_MARKER).exists(), "a clean stop leaves the marker"
 
+        previous = ready_text(data_dir)
         container = start_container(data_dir, tmp_path / "c3", port)
-        wait_until(lambda: ready(data_dir), 90, "the guard's ready file after a clean stop", container)
+        wait_until(lambda: ready(data_dir, previous), 90, "the guard's ready file after a clean stop", container)
         assert not (data_dir / chroma_data.CLEAN_MARKER).exists(), "removed before Chroma runs again"
         assert guard_log.read_text().count("last stop was clean") == 1
+        assert guard_log.read_text().count("guard: ready") == 3, "each start waited for the guard"
         assert check_server(chroma_data_server(data_dir, port, container), ledger) == []
         os.killpg(container.pid, signal.SIGTERM)
         container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS)

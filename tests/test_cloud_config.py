@@ -96,7 +96,14 @@ def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
     chroma = compose_of(rendered)["services"]["chroma"]
     assert "ports" not in chroma
     assert "network_mode" not in chroma
-    (volume,) = chroma["volumes"]
+    volume, start_script = chroma["volumes"]
+    assert start_script == {
+        "type": "bind",
+        "source": cloud_config.START_SCRIPT,
+        "target": runtime.START_SCRIPT_PATH,
+        "read_only": True,
+        "bind": {"create_host_path": False},
+    }
     assert volume["source"] == cloud_config.CHROMA_DATA_DIR
     assert volume["target"] == "/data"
     assert volume["source"].startswith(cloud_config.DATA_MOUNT + "/")
@@ -114,8 +121,12 @@ def test_proxy_publishes_only_http_and_https(rendered):
 
 
 def test_containers_restart_and_health_checks_need_no_curl(rendered):
-    for name, service in compose_of(rendered)["services"].items():
+    services = compose_of(rendered)["services"]
+    assert set(services) == {"chroma", "guard", "proxy"}
+    for name, service in services.items():
         assert service["restart"] == "unless-stopped", name
+        if name == "guard":
+            continue  # a loop that answers Chroma's starts; Chroma's own health waits for it
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD", name
         assert "curl" not in " ".join(test), name
@@ -190,3 +201,29 @@ def test_acme_email_reaches_caddy_only_when_set():
 def test_empty_token_is_never_rendered():
     with pytest.raises(ValueError, match="empty token"):
         runtime.render_caddyfile(runtime.ProxySite(FQDN), "Authorization", "")
+
+
+def test_chroma_starts_through_the_guard_and_stops_gently(rendered):
+    services = compose_of(rendered)["services"]
+    chroma, guard = services["chroma"], services["guard"]
+    assert chroma["entrypoint"] == list(runtime.CHROMA_ENTRYPOINT)
+    assert chroma["command"] == ["chroma", "run", "/config.yaml"], "the image's own command, wrapped"
+    assert chroma["stop_signal"] == "SIGTERM"
+    assert chroma["stop_grace_period"] == f"{runtime.CHROMA_STOP_GRACE_SECONDS}s"
+    assert chroma["oom_score_adj"] < 0, "the OOM killer must prefer other processes"
+    assert guard["image"] == runtime.GUARD_IMAGE
+    assert guard["command"] == list(runtime.GUARD_COMMAND)
+    data, tool = guard["volumes"]
+    assert data["source"] == cloud_config.CHROMA_DATA_DIR
+    assert data["target"] == runtime.CHROMA_DATA_PATH
+    assert tool["source"] == cloud_config.DATA_TOOL
+    assert tool["read_only"] is True
+
+
+def test_the_start_script_and_data_tool_are_shipped_verbatim(rendered):
+    files = cloud_config.write_files(rendered)
+    assert files[cloud_config.START_SCRIPT] == (runtime.TEMPLATE_DIR / "chroma-start.sh").read_text()
+    assert files[cloud_config.DATA_TOOL] == (runtime.SCRIPTS_DIR / "chroma_data.py").read_text()
+    entries = {entry["path"]: entry for entry in yaml.safe_load(rendered)["write_files"]}
+    assert entries[cloud_config.DATA_TOOL]["permissions"] == "0755", "the operator runs it as chroma-data"
+    assert entries[cloud_config.DATA_TOOL]["encoding"] == "gz+b64", "compressed: custom data is capped at 64 KiB"

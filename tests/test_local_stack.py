@@ -38,7 +38,9 @@ def test_only_local_resources_under_the_component(local_run):
     assert sorted(resource.type for resource in local_run.resources if resource.type.startswith("docker:")) == [
         "docker:index/container:Container",
         "docker:index/container:Container",
+        "docker:index/container:Container",
         "docker:index/network:Network",
+        "docker:index/remoteImage:RemoteImage",
         "docker:index/remoteImage:RemoteImage",
         "docker:index/remoteImage:RemoteImage",
         "docker:index/volume:Volume",
@@ -47,7 +49,7 @@ def test_only_local_resources_under_the_component(local_run):
 
 def test_images_are_the_pinned_tags(local_run):
     images = {resource.inputs["name"] for resource in local_run.of_type("docker:index/remoteImage:RemoteImage")}
-    assert images == {"chromadb/chroma:1.5.9", runtime.CADDY_IMAGE}
+    assert images == {"chromadb/chroma:1.5.9", runtime.CADDY_IMAGE, runtime.GUARD_IMAGE}
     by_name = containers(local_run)
     assert by_name["chroma-chroma"].inputs["image"] == "sha256:mock-chromadb/chroma:1.5.9"
     assert by_name["chroma-proxy"].inputs["image"] == f"sha256:mock-{runtime.CADDY_IMAGE}"
@@ -58,6 +60,8 @@ def test_chroma_is_unpublished_with_its_data_in_the_named_volume(local_run):
     assert "ports" not in chroma, "Chroma must only be reachable through the proxy"
     (volume,) = chroma["volumes"]
     assert volume == {"volumeName": "chroma-infra-local-data", "containerPath": "/data"}
+    guard = plain(containers(local_run)["chroma-guard"].inputs)
+    assert guard["volumes"] == [volume], "the guard checks the same data"
     assert chroma["networksAdvanced"][0]["aliases"] == ["chroma"], "the proxy's upstream is chroma:8000"
 
 
@@ -79,6 +83,8 @@ def test_health_checks_need_no_curl_and_containers_restart_and_are_waited_for(lo
     for name, container in containers(local_run).items():
         inputs = container.inputs
         assert inputs["restart"] == "unless-stopped", name
+        if name == "chroma-guard":
+            continue  # a loop that answers Chroma's starts; Chroma's own health waits for it
         assert inputs["wait"] is True, f"{name}: pulumi up must wait until it is healthy"
         assert inputs["waitTimeout"] >= 60, name
         tests = inputs["healthcheck"]["tests"]
@@ -89,8 +95,11 @@ def test_health_checks_need_no_curl_and_containers_restart_and_are_waited_for(lo
     assert tuple(by_name["chroma-proxy"].inputs["healthcheck"]["tests"]) == runtime.PROXY_HEALTHCHECK
 
 
+OOM_ENV = f"CHROMA_OOM_SCORE_ADJ={runtime.CHROMA_OOM_SCORE_ADJ}"
+
+
 def test_no_otel_env_without_an_endpoint(local_run):
-    assert not plain(containers(local_run)["chroma-chroma"].inputs).get("envs")
+    assert plain(containers(local_run)["chroma-chroma"].inputs).get("envs") == [OOM_ENV]
 
 
 def test_otel_env_is_the_vms_and_secret_with_headers():
@@ -100,10 +109,15 @@ def test_otel_env_is_the_vms_and_secret_with_headers():
     envs = containers(run)["chroma-chroma"].inputs["envs"]
     assert is_secret_input(envs), "the exporter headers are a secret"
     assert sorted(plain(envs)) == sorted(
-        f"{key}={value}"
-        for key, value in runtime.chroma_env(
-            runtime.OtelSettings("http://host.docker.internal:4317", "chromadb", "x-k=v")
-        ).items()
+        [
+            OOM_ENV,
+            *(
+                f"{key}={value}"
+                for key, value in runtime.chroma_env(
+                    runtime.OtelSettings("http://host.docker.internal:4317", "chromadb", "x-k=v")
+                ).items()
+            ),
+        ]
     )
 
 
@@ -154,3 +168,21 @@ def test_configured_token_is_used_and_nothing_is_generated():
     assert not run.of_type("random:index/randomPassword:RandomPassword")
     assert f'header_regexp X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token", token)}"' in uploaded_caddyfile(run)
     assert run.outputs["authHeader"] == "X-Chroma-Token"
+
+
+def test_chroma_starts_through_the_guard_and_stops_gently(local_run):
+    by_name = containers(local_run)
+    chroma, guard = plain(by_name["chroma-chroma"].inputs), plain(by_name["chroma-guard"].inputs)
+    assert chroma["entrypoints"] == list(runtime.CHROMA_ENTRYPOINT)
+    assert chroma["command"] == list(runtime.CHROMA_COMMAND)
+    (script,) = chroma["uploads"]
+    assert script["file"] == runtime.START_SCRIPT_PATH
+    assert script["content"] == (runtime.TEMPLATE_DIR / "chroma-start.sh").read_text()
+    assert chroma["stopSignal"] == "SIGTERM"
+    assert chroma["stopTimeout"] == chroma["destroyGraceSeconds"] == runtime.CHROMA_STOP_GRACE_SECONDS
+    assert chroma["capabilities"] == {"adds": ["SYS_RESOURCE"]}, "chroma-start.sh lowers its oom_score_adj"
+    assert guard["command"] == list(runtime.GUARD_COMMAND)
+    (tool,) = guard["uploads"]
+    assert tool["file"] == runtime.DATA_TOOL_PATH
+    assert tool["content"] == (runtime.SCRIPTS_DIR / "chroma_data.py").read_text()
+    assert guard["networksAdvanced"][0]["name"] == chroma["networksAdvanced"][0]["name"], "it reaches chroma:8000"
