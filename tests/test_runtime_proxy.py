@@ -372,13 +372,21 @@ def test_compose_health_checks_pass_unchanged_against_the_real_servers(tmp_path)
     }
     caddy_env = {**base_env, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "caddy-data")}
 
+    # The container's /data is this test's data folder; the guard's ready file goes there.
+    probe_env = {**os.environ, "CHROMA_DATA_DIR": str(tmp_path / "data")}
+
     def passes(enter, probe) -> bool:
-        return subprocess.run([*enter, *probe], capture_output=True, timeout=10, check=False).returncode == 0
+        run = subprocess.run([*enter, *probe], capture_output=True, timeout=10, check=False, env=probe_env)
+        return run.returncode == 0
 
     with network_namespace() as enter, (tmp_path / "servers.log").open("w") as log:
         assert not passes(enter, chroma_probe), "nothing listens yet, so the check must fail"
         assert not passes(enter, proxy_probe), "nothing listens yet, so the check must fail"
         with started([*enter, str(CHROMA), "run", str(tmp_path / "config.yaml")], chroma_env, log) as chroma:
+            heartbeat_only = [*chroma_probe[:-1], chroma_probe[-1].rsplit(" && [[ -f", 1)[0]]
+            wait_until(lambda: passes(enter, heartbeat_only), 60, "Chroma's heartbeat", chroma)
+            assert not passes(enter, chroma_probe), "healthy only once the guard marked this start ready"
+            (tmp_path / "data" / runtime.READY_FILE).write_text("start-1\n")
             wait_until(lambda: passes(enter, chroma_probe), 60, "Chroma's compose health check", chroma)
             command = [*enter, caddy_binary(), "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"]
             with started(command, caddy_env, log) as caddy:
