@@ -24,6 +24,7 @@ CADDYFILE = f"{CONFIG_DIR}/Caddyfile"
 DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
 # On the host for the operator (verify, repair; README's runbook), and mounted into the guard.
 DATA_TOOL = "/usr/local/sbin/chroma-data"
+GUARD_JOURNAL_TAG = "chroma-guard"
 # Mounted into the chroma container as its entrypoint.
 START_SCRIPT = "/usr/local/lib/chroma/chroma-start.sh"
 UNIT_DIR = "/etc/systemd/system"
@@ -97,6 +98,8 @@ def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
                     _bind(CHROMA_DATA_DIR, runtime.CHROMA_DATA_PATH),
                     _bind(DATA_TOOL, runtime.DATA_TOOL_PATH, read_only=True),
                 ],
+                # Its repairs and rebuild times go to the journal: journalctl -t chroma-guard.
+                "logging": {"driver": "journald", "options": {"tag": GUARD_JOURNAL_TAG}},
             },
             "proxy": {
                 "image": runtime.CADDY_IMAGE,

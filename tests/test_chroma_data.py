@@ -323,3 +323,11 @@ def test_start_script_and_guard_keep_the_log_from_the_first_start_and_repair_aft
 
 def chroma_data_server(data_dir: Path, port: int, process: subprocess.Popen) -> Server:
     return Server(data_dir, port, process)
+
+
+def test_the_start_script_and_the_guard_use_the_same_files():
+    script = START_SCRIPT.read_text()
+    for name in (chroma_data.START_REQUEST, chroma_data.START_APPROVED, chroma_data.READY, chroma_data.CLEAN_MARKER):
+        assert f'"$data_dir/{name}"' in script, f"chroma-start.sh does not use {name}"
+    assert chroma_data.READY == runtime.READY_FILE, "Chroma's health check waits for the guard's ready file"
+    assert f"/{runtime.READY_FILE}" in runtime.CHROMA_HEALTHCHECK[-1]

@@ -218,6 +218,7 @@ def test_chroma_starts_through_the_guard_and_stops_gently(rendered):
     assert data["target"] == runtime.CHROMA_DATA_PATH
     assert tool["source"] == cloud_config.DATA_TOOL
     assert tool["read_only"] is True
+    assert guard["logging"] == {"driver": "journald", "options": {"tag": "chroma-guard"}}, "repairs are in the journal"
 
 
 def test_the_start_script_and_data_tool_are_shipped_verbatim(rendered):

@@ -175,7 +175,7 @@ def test_kill9_during_writes_is_repaired_whole(tmp_path: Path, capsys) -> None:
     control.kill9()
     report = summary(KILL9_ITERATIONS, broken_before, whole_after, seconds)
     report["control_default_config"] = control_losses.report()
-    report["acknowledged_writes"] = project_ledger.acknowledged_writes
+    report["acknowledged_write_requests"] = project_ledger.acknowledged_writes
     write_report("kill9", report)
     assert not failures, "\n".join(failures)
     assert whole_after == KILL9_ITERATIONS
@@ -310,7 +310,7 @@ def test_crash_consistent_copies_are_repaired_whole(tmp_path: Path, capsys) -> N
             remove(restored)
     report = summary(SNAPSHOT_ITERATIONS, broken_before, whole_after, seconds)
     report["control_default_config"] = control_losses.report()
-    report["acknowledged_writes"] = project_ledger.acknowledged_writes
+    report["acknowledged_write_requests"] = project_ledger.acknowledged_writes
     write_report("snapshot", report)
     assert len(copies) == SNAPSHOT_ITERATIONS
     assert not failures, "\n".join(failures)
