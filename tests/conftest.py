@@ -7,6 +7,7 @@ callbacks are skipped, and assertions would check nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import runpy
@@ -31,6 +32,16 @@ MOCK_PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nmock\n-----END OPENSSH 
 MOCK_PRINCIPAL_ID = "11111111-2222-3333-4444-555555555555"
 MOCK_SUBSCRIPTION_ID = "99999999-8888-7777-6666-555555555555"
 MOCK_PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockGeneratedKey generated"
+
+
+def mock_resource_id(logical_name: str) -> str:
+    """The id the mocks give every resource (a container's id is what `container:<id>` names)."""
+    return f"/mock/{logical_name}"
+
+
+def mock_image_id(image_name: str) -> str:
+    """The image id the mocks give a RemoteImage: never a real one, so a test double must map it."""
+    return f"sha256:mock-{image_name}"
 
 
 @dataclass
@@ -61,13 +72,13 @@ class Mocks(pulumi.runtime.Mocks):
         elif args.typ == "random:index/randomString:RandomString":
             outputs["result"] = "q7x2k9"[: int(args.inputs["length"])]
         elif args.typ == "docker:index/remoteImage:RemoteImage":
-            outputs["imageId"] = f"sha256:mock-{args.inputs['name']}"
+            outputs["imageId"] = mock_image_id(args.inputs["name"])
         elif args.typ == "azure-native:dataprotection:BackupVault":
             outputs["identity"] = {**args.inputs.get("identity", {}), "principalId": MOCK_PRINCIPAL_ID}
         elif args.typ == "tls:index/privateKey:PrivateKey":
             outputs["publicKeyOpenssh"] = MOCK_PUBLIC_KEY
             outputs["privateKeyOpenssh"] = MOCK_PRIVATE_KEY
-        return f"/mock/{args.name}", outputs
+        return mock_resource_id(args.name), outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
         # A bare dict: the SDK reads a tuple's second item as a list of check failures.
@@ -132,8 +143,13 @@ def stack_config(stack: str) -> dict[str, str]:
     }
 
 
-def run_program(stack: str, overrides: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()) -> ProgramRun:
-    """Runs the real __main__.py with Pulumi.<stack>.yaml plus overrides (short keys, project namespace)."""
+def run_program(
+    stack: str, overrides: dict[str, Any] | None = None, secrets: tuple[str, ...] = (), stack_name: str | None = None
+) -> ProgramRun:
+    """Runs the real __main__.py with Pulumi.<stack>.yaml plus overrides (short keys, project namespace).
+
+    `stack_name` runs it as another stack with the same config file (for unique resource names).
+    """
     config = stack_config(stack)
     for key, value in (overrides or {}).items():
         full_key = key if ":" in key else f"{PROJECT}:{key}"
@@ -158,7 +174,7 @@ def run_program(stack: str, overrides: dict[str, Any] | None = None, secrets: tu
         # What Pulumi's Python launcher does before it runs the program.
         pulumi.runtime.set_all_config(config, secret_keys)
         pulumi_settings.set_root_resource(None)
-        pulumi.runtime.set_mocks(Mocks(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+        pulumi.runtime.set_mocks(Mocks(), project=PROJECT, stack=stack_name or stack, preview=False, monitor=monitor)
         pulumi_settings.set_root_resource(None)
         loop.run_until_complete(run_in_stack(program))
         run = ProgramRun(resources=monitor.registered)
@@ -221,3 +237,36 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         for nodeid in _skipped_in_ci:
             print(f"  {nodeid}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A Docker engine for the session: the one that answers, or a private dockerd stopped at the end."""
+    from engine import EngineUnavailableError, docker_engine
+
+    with contextlib.ExitStack() as stack:
+        try:
+            found = stack.enter_context(docker_engine())
+        except EngineUnavailableError as error:
+            pytest.skip(f"no Docker engine: {error}")
+        yield found
+
+
+@dataclass
+class StandIns:
+    """The stand-in images in the session's engine, and how long it took to have them."""
+
+    images: dict[str, str]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def standin_images(docker_engine) -> StandIns:
+    """`chromadb/chroma:<pin>` and `caddy:<pin>` stand-ins (tests/images.py), built or cached."""
+    import time
+
+    from images import ensure_images
+
+    started = time.monotonic()
+    images = ensure_images(docker_engine)
+    return StandIns(images=images, seconds=time.monotonic() - started)
