@@ -43,7 +43,12 @@ def _healthcheck(test: tuple[str, ...]) -> dict[str, Any]:
         "timeout": f"{runtime.HEALTHCHECK_TIMEOUT_SECONDS}s",
         "retries": runtime.HEALTHCHECK_RETRIES,
         "start_period": f"{runtime.HEALTHCHECK_START_PERIOD_SECONDS}s",
+        "start_interval": f"{runtime.HEALTHCHECK_START_INTERVAL_SECONDS}s",
     }
+
+
+def _bounded_logs() -> dict[str, Any]:
+    return {"driver": runtime.LOG_DRIVER, "options": dict(runtime.LOG_OPTIONS)}
 
 
 def _escape_compose(value: Any) -> Any:
@@ -70,15 +75,31 @@ def _bind(source: str, target: str, read_only: bool = False) -> dict[str, Any]:
 
 
 def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
-    """Chroma on no host port, and Caddy on 80/443 in front of it."""
+    """Caddy on 80/443, and Chroma inside Caddy's network namespace, on its loopback only."""
     compose = {
         "name": "chroma",
         "services": {
+            "proxy": {
+                "image": runtime.CADDY_IMAGE,
+                "restart": "unless-stopped",
+                "ports": ["80:80", "443:443"],
+                "volumes": [
+                    _bind(CADDYFILE, "/etc/caddy/Caddyfile", read_only=True),
+                    _bind(CADDY_DATA_DIR, "/data"),
+                ],
+                "healthcheck": _healthcheck(runtime.PROXY_HEALTHCHECK),
+                "logging": _bounded_logs(),
+            },
             "chroma": {
                 "image": runtime.chroma_image(chroma_version),
                 "entrypoint": list(runtime.CHROMA_ENTRYPOINT),
                 "command": list(runtime.CHROMA_COMMAND),
                 "restart": "unless-stopped",
+                # No address of its own: no other process on the VM or container reaches Chroma.
+                "network_mode": "service:proxy",
+                # A joined container loses the namespace when its owner restarts: compose restarts
+                # Chroma whenever it restarts the proxy.
+                "depends_on": {"proxy": {"condition": "service_started", "restart": True}},
                 "environment": runtime.chroma_env(otel),
                 "volumes": [
                     _bind(CHROMA_DATA_DIR, runtime.CHROMA_DATA_PATH),
@@ -88,29 +109,23 @@ def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
                 "stop_signal": runtime.CHROMA_STOP_SIGNAL,
                 "stop_grace_period": f"{runtime.CHROMA_STOP_GRACE_SECONDS}s",
                 "oom_score_adj": runtime.CHROMA_OOM_SCORE_ADJ,
+                "logging": _bounded_logs(),
             },
             # Checks the data before each start of Chroma and rebuilds after a crash (chroma-start.sh).
+            # In the proxy's namespace too: it reaches Chroma on that loopback.
             "guard": {
                 "image": runtime.GUARD_IMAGE,
                 "command": list(runtime.GUARD_COMMAND),
                 "restart": "unless-stopped",
+                "network_mode": "service:proxy",
+                "depends_on": {"proxy": {"condition": "service_started", "restart": True}},
                 "volumes": [
                     _bind(CHROMA_DATA_DIR, runtime.CHROMA_DATA_PATH),
                     _bind(DATA_TOOL, runtime.DATA_TOOL_PATH, read_only=True),
                 ],
-                # Its repairs and rebuild times go to the journal: journalctl -t chroma-guard.
+                # Its repairs and rebuild times go to the journal (journalctl -t chroma-guard), whose
+                # own limits bound them.
                 "logging": {"driver": "journald", "options": {"tag": GUARD_JOURNAL_TAG}},
-            },
-            "proxy": {
-                "image": runtime.CADDY_IMAGE,
-                "restart": "unless-stopped",
-                "depends_on": {"chroma": {"condition": "service_healthy"}},
-                "ports": ["80:80", "443:443"],
-                "volumes": [
-                    _bind(CADDYFILE, "/etc/caddy/Caddyfile", read_only=True),
-                    _bind(CADDY_DATA_DIR, "/data"),
-                ],
-                "healthcheck": _healthcheck(runtime.PROXY_HEALTHCHECK),
             },
         },
     }

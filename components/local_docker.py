@@ -1,10 +1,12 @@
 """`ChromaLocalDocker`: the same Chroma + Caddy pair as the VM, in Docker on this machine.
 
-The proxy config, Chroma's environment, the images and the health checks come from
+The proxy config, Chroma's environment, the images, the health checks and the log limits come from
 components.runtime, as on the VM; only the proxy's site differs (plain HTTP, published on
-127.0.0.1:hostPort). Chroma is published on no host port, and its data lives in a named volume.
-As on the VM, every start of Chroma's container is checked by the guard container first
-(scripts/chroma_data.py, cloud-init/chroma-start.sh), so a crash is repaired before clients return.
+127.0.0.1:hostPort). Chroma runs in the proxy's network namespace and listens on its loopback, so
+nothing but the proxy reaches it: not the host (which routes to the stack's bridge), not another
+container. Its data lives in a named volume. As on the VM, every start of Chroma's container is
+checked by the guard container first (scripts/chroma_data.py, cloud-init/chroma-start.sh), so a
+crash is repaired before clients return; the guard shares the same namespace to reach Chroma.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ def _healthcheck(test: tuple[str, ...]) -> docker.ContainerHealthcheckArgs:
         timeout=f"{runtime.HEALTHCHECK_TIMEOUT_SECONDS}s",
         retries=runtime.HEALTHCHECK_RETRIES,
         start_period=f"{runtime.HEALTHCHECK_START_PERIOD_SECONDS}s",
+        start_interval=f"{runtime.HEALTHCHECK_START_INTERVAL_SECONDS}s",
     )
 
 
 def _upload(path: str, source: Path) -> docker.ContainerUploadArgs:
     return docker.ContainerUploadArgs(file=path, content=source.read_text(encoding="utf-8"), executable=True)
+
+
+def _bounded_logs() -> dict[str, object]:
+    return {"log_driver": runtime.LOG_DRIVER, "log_opts": dict(runtime.LOG_OPTIONS)}
 
 
 class ChromaLocalDocker(pulumi.ComponentResource):
@@ -69,47 +76,12 @@ class ChromaLocalDocker(pulumi.ComponentResource):
         proxy_image = docker.RemoteImage(f"{name}-proxy-image", name=runtime.CADDY_IMAGE, keep_locally=True, opts=child)
         guard_image = docker.RemoteImage(f"{name}-guard-image", name=runtime.GUARD_IMAGE, keep_locally=True, opts=child)
         data = docker.ContainerVolumeArgs(volume_name=volume.name, container_path=runtime.CHROMA_DATA_PATH)
-        # Answers every start of Chroma's container (chroma-start.sh): repair after a crash, keep the log.
-        docker.Container(
-            f"{name}-guard",
-            name=f"{prefix}-guard",
-            image=guard_image.image_id,
-            command=list(runtime.GUARD_COMMAND),
-            uploads=[_upload(runtime.DATA_TOOL_PATH, runtime.SCRIPTS_DIR / "chroma_data.py")],
-            volumes=[data],
-            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
-            restart="unless-stopped",
-            opts=child,
-        )
-
-        # Docker's API, as this provider uses it, has no oom_score_adj: chroma-start.sh sets it, which
-        # needs CAP_SYS_RESOURCE.
-        chroma_env = [f"{key}={value}" for key, value in runtime.chroma_env(args.otel).items()]
-        chroma_env.append(f"CHROMA_OOM_SCORE_ADJ={runtime.CHROMA_OOM_SCORE_ADJ}")
-        chroma = docker.Container(
-            f"{name}-chroma",
-            name=f"{prefix}-chroma",
-            image=chroma_image.image_id,
-            entrypoints=list(runtime.CHROMA_ENTRYPOINT),
-            command=list(runtime.CHROMA_COMMAND),
-            uploads=[_upload(runtime.START_SCRIPT_PATH, runtime.TEMPLATE_DIR / "chroma-start.sh")],
-            envs=pulumi.Output.secret(chroma_env) if args.otel_headers else chroma_env,
-            volumes=[data],
-            capabilities=docker.ContainerCapabilitiesArgs(adds=["SYS_RESOURCE"]),
-            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=["chroma"])],
-            healthcheck=_healthcheck(runtime.CHROMA_HEALTHCHECK),
-            stop_signal=runtime.CHROMA_STOP_SIGNAL,
-            stop_timeout=runtime.CHROMA_STOP_GRACE_SECONDS,
-            destroy_grace_seconds=runtime.CHROMA_STOP_GRACE_SECONDS,
-            restart="unless-stopped",
-            wait=True,
-            wait_timeout=HEALTHY_WITHIN_SECONDS,
-            opts=child,
-        )
         caddyfile = self.auth_token.apply(
             lambda token: runtime.render_caddyfile(LOCAL_SITE, args.auth_header, token, args.acme_email)
         )
-        docker.Container(
+        # The proxy owns the network namespace that Chroma and the guard join: it restarts far less
+        # often than Chroma, and a container that joins a namespace loses it when the owner restarts.
+        proxy = docker.Container(
             f"{name}-proxy",
             name=f"{prefix}-proxy",
             image=proxy_image.image_id,
@@ -120,7 +92,49 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             restart="unless-stopped",
             wait=True,
             wait_timeout=HEALTHY_WITHIN_SECONDS,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[chroma]),
+            **_bounded_logs(),
+            opts=child,
+        )
+        # By id, not name: a re-created proxy is a new namespace, and these must be re-created into it.
+        in_proxy_namespace = proxy.id.apply(lambda proxy_id: f"container:{proxy_id}")
+        # Answers every start of Chroma's container (chroma-start.sh): repair after a crash, keep the log.
+        docker.Container(
+            f"{name}-guard",
+            name=f"{prefix}-guard",
+            image=guard_image.image_id,
+            command=list(runtime.GUARD_COMMAND),
+            uploads=[_upload(runtime.DATA_TOOL_PATH, runtime.SCRIPTS_DIR / "chroma_data.py")],
+            volumes=[data],
+            network_mode=in_proxy_namespace,
+            restart="unless-stopped",
+            **_bounded_logs(),
+            opts=child,
+        )
+
+        # Docker's API, as this provider uses it, has no oom_score_adj: chroma-start.sh sets it, which
+        # needs CAP_SYS_RESOURCE.
+        chroma_env = [f"{key}={value}" for key, value in runtime.chroma_env(args.otel).items()]
+        chroma_env.append(f"CHROMA_OOM_SCORE_ADJ={runtime.CHROMA_OOM_SCORE_ADJ}")
+        docker.Container(
+            f"{name}-chroma",
+            name=f"{prefix}-chroma",
+            image=chroma_image.image_id,
+            entrypoints=list(runtime.CHROMA_ENTRYPOINT),
+            command=list(runtime.CHROMA_COMMAND),
+            uploads=[_upload(runtime.START_SCRIPT_PATH, runtime.TEMPLATE_DIR / "chroma-start.sh")],
+            envs=pulumi.Output.secret(chroma_env) if args.otel_headers else chroma_env,
+            volumes=[data],
+            capabilities=docker.ContainerCapabilitiesArgs(adds=["SYS_RESOURCE"]),
+            network_mode=in_proxy_namespace,
+            healthcheck=_healthcheck(runtime.CHROMA_HEALTHCHECK),
+            stop_signal=runtime.CHROMA_STOP_SIGNAL,
+            stop_timeout=runtime.CHROMA_STOP_GRACE_SECONDS,
+            destroy_grace_seconds=runtime.CHROMA_STOP_GRACE_SECONDS,
+            restart="unless-stopped",
+            wait=True,
+            wait_timeout=HEALTHY_WITHIN_SECONDS,
+            **_bounded_logs(),
+            opts=child,
         )
 
         self.endpoint = pulumi.Output.from_input(f"http://127.0.0.1:{args.host_port}")

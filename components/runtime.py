@@ -33,7 +33,17 @@ SCRIPTS_DIR = TEMPLATE_DIR.parent / "scripts"
 # image) forwards SIGTERM as the image's own entrypoint does.
 CHROMA_ENTRYPOINT = ("dumb-init", "--", "bash", START_SCRIPT_PATH)
 CHROMA_COMMAND = ("chroma", "run", "/config.yaml")
-GUARD_COMMAND = ("python3", DATA_TOOL_PATH, "guard", CHROMA_DATA_PATH, "--endpoint", f"http://chroma:{CHROMA_PORT}")
+# Chroma listens on loopback only, inside the proxy's network namespace: the proxy is the one way in,
+# and the guard, which shares that namespace, reaches Chroma there.
+CHROMA_LISTEN_ADDRESS = "127.0.0.1"
+GUARD_COMMAND = (
+    "python3",
+    DATA_TOOL_PATH,
+    "guard",
+    CHROMA_DATA_PATH,
+    "--endpoint",
+    f"http://{CHROMA_LISTEN_ADDRESS}:{CHROMA_PORT}",
+)
 # SIGKILL is what breaks Chroma's indexes. It exits within a second of SIGTERM (measured 0.3 s on
 # 1.5.9), so this grace is never reached; after it, Docker would SIGKILL.
 CHROMA_STOP_SIGNAL = "SIGTERM"
@@ -67,6 +77,15 @@ HEALTHCHECK_INTERVAL_SECONDS = 10
 HEALTHCHECK_TIMEOUT_SECONDS = 5
 HEALTHCHECK_RETRIES = 6
 HEALTHCHECK_START_PERIOD_SECONDS = 30
+# Probe this often until the first success (engines from Docker 25 on; older ones ignore it), so a
+# start is seen as healthy within a second or two, not after one whole interval.
+HEALTHCHECK_START_INTERVAL_SECONDS = 1
+# Docker's json-file driver keeps every line forever by default; a chatty failure (OTel collector
+# down, a crash loop) would fill the OS disk. Each container keeps at most LOG_MAX_FILES x LOG_MAX_SIZE.
+LOG_DRIVER = "json-file"
+LOG_MAX_SIZE = "10m"
+LOG_MAX_FILES = 3
+LOG_OPTIONS = {"max-size": LOG_MAX_SIZE, "max-file": str(LOG_MAX_FILES)}
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
@@ -86,7 +105,8 @@ class ProxySite:
     """
 
     site_address: str
-    upstream: str = f"chroma:{CHROMA_PORT}"
+    # Chroma shares the proxy's network namespace, so it is on the proxy's loopback.
+    upstream: str = f"{CHROMA_LISTEN_ADDRESS}:{CHROMA_PORT}"
     tls_internal: bool = False
     http_port: int | None = None
     https_port: int | None = None
@@ -194,10 +214,12 @@ def render_caddyfile(
 
 
 def chroma_env(otel: OtelSettings | None) -> dict[str, str]:
-    """Chroma's environment. Empty without an endpoint: an empty endpoint makes Chroma panic."""
+    """Chroma's environment: loopback only, and OTel only with an endpoint (an empty one makes Chroma panic)."""
+    # Chroma 1.x reads `listen_address` (default 0.0.0.0) from its config file, overridden by CHROMA_*.
+    env = {"CHROMA_LISTEN_ADDRESS": CHROMA_LISTEN_ADDRESS}
     if otel is None or not otel.endpoint:
-        return {}
-    env = {
+        return env
+    env |= {
         "CHROMA_OPEN_TELEMETRY__ENDPOINT": otel.endpoint,
         "CHROMA_OPEN_TELEMETRY__SERVICE_NAME": otel.service_name,
     }

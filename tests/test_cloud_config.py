@@ -95,7 +95,6 @@ def test_files_are_shipped_verbatim_from_cloud_init_dir(rendered):
 def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
     chroma = compose_of(rendered)["services"]["chroma"]
     assert "ports" not in chroma
-    assert "network_mode" not in chroma
     volume, start_script = chroma["volumes"]
     assert start_script == {
         "type": "bind",
@@ -117,7 +116,32 @@ def test_proxy_publishes_only_http_and_https(rendered):
     assert proxy["image"] == runtime.CADDY_IMAGE
     assert ":" in proxy["image"]
     assert not proxy["image"].endswith(":latest")
-    assert proxy["depends_on"] == {"chroma": {"condition": "service_healthy"}}
+    assert "depends_on" not in proxy, "the proxy owns the network namespace, so it starts first"
+
+
+def test_chroma_listens_only_on_the_proxys_loopback(rendered):
+    services = compose_of(rendered)["services"]
+    chroma = services["chroma"]
+    assert chroma["network_mode"] == "service:proxy", "no address of its own: only the proxy reaches Chroma"
+    assert chroma["environment"]["CHROMA_LISTEN_ADDRESS"] == "127.0.0.1"
+    assert chroma["depends_on"] == {"proxy": {"condition": "service_started", "restart": True}}
+    assert "networks" not in chroma
+    guard = services["guard"]
+    assert guard["network_mode"] == "service:proxy", "the guard reaches Chroma on the shared loopback"
+    assert guard["command"][-1] == "http://127.0.0.1:8000"
+    assert "reverse_proxy 127.0.0.1:8000" in cloud_config.write_files(rendered)[cloud_config.CADDYFILE]
+
+
+def test_chroma_and_the_proxy_keep_bounded_logs(rendered):
+    services = compose_of(rendered)["services"]
+    for name in ("chroma", "proxy"):
+        assert services[name]["logging"] == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "3"}}
+
+
+def test_health_checks_start_early(rendered):
+    services = compose_of(rendered)["services"]
+    for name in ("chroma", "proxy"):
+        assert services[name]["healthcheck"]["start_interval"] == "1s", name
 
 
 def test_containers_restart_and_health_checks_need_no_curl(rendered):
@@ -140,7 +164,7 @@ def test_compose_dollars_are_escaped_so_compose_does_not_interpolate(rendered):
 
 def test_no_otel_endpoint_means_no_otel_variable_at_all():
     environment = compose_of(render(otel=None))["services"]["chroma"]["environment"]
-    assert environment == {}
+    assert environment == {"CHROMA_LISTEN_ADDRESS": "127.0.0.1"}
     assert "OPEN_TELEMETRY" not in render(otel=None)
     assert "OTEL_" not in render(otel=None)
 
@@ -148,6 +172,7 @@ def test_no_otel_endpoint_means_no_otel_variable_at_all():
 def test_otel_uses_the_names_chroma_1x_honours():
     environment = compose_of(render(otel=OTEL))["services"]["chroma"]["environment"]
     assert environment == {
+        "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
         "CHROMA_OPEN_TELEMETRY__ENDPOINT": "http://collector.example.com:4317",
         "CHROMA_OPEN_TELEMETRY__SERVICE_NAME": "chroma-test",
         "OTEL_EXPORTER_OTLP_HEADERS": "x-team=abc,x-env=prod",
@@ -185,7 +210,7 @@ def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header,
     assert matcher in caddyfile
     assert "tls internal" not in caddyfile
     assert "auto_https off" not in caddyfile
-    assert "reverse_proxy chroma:8000" in caddyfile
+    assert "reverse_proxy 127.0.0.1:8000" in caddyfile
     assert 'respond "Unauthorized" 401' in caddyfile
 
 
@@ -228,3 +253,10 @@ def test_the_start_script_and_data_tool_are_shipped_verbatim(rendered):
     entries = {entry["path"]: entry for entry in yaml.safe_load(rendered)["write_files"]}
     assert entries[cloud_config.DATA_TOOL]["permissions"] == "0755", "the operator runs it as chroma-data"
     assert entries[cloud_config.DATA_TOOL]["encoding"] == "gz+b64", "compressed: custom data is capped at 64 KiB"
+
+
+def test_the_health_site_binds_loopback_only():
+    caddyfile = cloud_config.write_files(render())[cloud_config.CADDYFILE]
+    health_site = caddyfile[caddyfile.index(f"http://127.0.0.1:{runtime.PROXY_HEALTH_PORT} {{") :]
+    # A site address does not bind; without `bind`, another container got 200 from it.
+    assert "\tbind 127.0.0.1\n" in health_site

@@ -62,7 +62,29 @@ def test_chroma_is_unpublished_with_its_data_in_the_named_volume(local_run):
     assert volume == {"volumeName": "chroma-infra-local-data", "containerPath": "/data"}
     guard = plain(containers(local_run)["chroma-guard"].inputs)
     assert guard["volumes"] == [volume], "the guard checks the same data"
-    assert chroma["networksAdvanced"][0]["aliases"] == ["chroma"], "the proxy's upstream is chroma:8000"
+
+
+def test_chroma_lives_in_the_proxys_network_namespace_on_loopback(local_run):
+    by_name = containers(local_run)
+    chroma = plain(by_name["chroma-chroma"].inputs)
+    assert chroma["networkMode"] == "container:/mock/chroma-proxy", "joined by the proxy's id, re-created with it"
+    assert "networksAdvanced" not in chroma, "an address on the stack network is reachable from the host"
+    assert "CHROMA_LISTEN_ADDRESS=127.0.0.1" in chroma["envs"]
+    assert "reverse_proxy 127.0.0.1:8000" in uploaded_caddyfile(local_run)
+    guard = plain(by_name["chroma-guard"].inputs)
+    assert guard["networkMode"] == chroma["networkMode"], "the guard reaches Chroma on the shared loopback"
+    assert guard["command"][-1] == "http://127.0.0.1:8000"
+
+
+def test_every_container_keeps_bounded_logs(local_run):
+    for name, container in containers(local_run).items():
+        assert container.inputs["logDriver"] == "json-file", name
+        assert container.inputs["logOpts"] == {"max-size": "10m", "max-file": "3"}, name
+
+
+def test_health_checks_start_early(local_run):
+    for name in ("chroma-chroma", "chroma-proxy"):
+        assert containers(local_run)[name].inputs["healthcheck"]["startInterval"] == "1s", name
 
 
 def test_proxy_is_published_on_loopback_only(local_run):
@@ -99,7 +121,7 @@ OOM_ENV = f"CHROMA_OOM_SCORE_ADJ={runtime.CHROMA_OOM_SCORE_ADJ}"
 
 
 def test_no_otel_env_without_an_endpoint(local_run):
-    assert plain(containers(local_run)["chroma-chroma"].inputs).get("envs") == [OOM_ENV]
+    assert plain(containers(local_run)["chroma-chroma"].inputs)["envs"] == ["CHROMA_LISTEN_ADDRESS=127.0.0.1", OOM_ENV]
 
 
 def test_otel_env_is_the_vms_and_secret_with_headers():
@@ -185,4 +207,4 @@ def test_chroma_starts_through_the_guard_and_stops_gently(local_run):
     (tool,) = guard["uploads"]
     assert tool["file"] == runtime.DATA_TOOL_PATH
     assert tool["content"] == (runtime.SCRIPTS_DIR / "chroma_data.py").read_text()
-    assert guard["networksAdvanced"][0]["name"] == chroma["networksAdvanced"][0]["name"], "it reaches chroma:8000"
+    assert guard["networkMode"] == chroma["networkMode"], "it reaches Chroma on the shared loopback"

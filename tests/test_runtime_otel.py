@@ -108,7 +108,9 @@ def test_all_is_chromas_default():
 @pytest.mark.parametrize("otel", [None, OtelSettings("", SERVICE_NAME, HEADERS, "operation")], ids=["none", "empty"])
 def test_without_an_endpoint_no_otel_variable_and_chroma_answers(otel, tmp_path):
     env = chroma_environment(vm_files(otel=otel))
-    assert env == {}, "an empty CHROMA_OPEN_TELEMETRY__ENDPOINT makes Chroma panic; no OTel variable at all"
+    assert env == {"CHROMA_LISTEN_ADDRESS": "127.0.0.1"}, (
+        "an empty CHROMA_OPEN_TELEMETRY__ENDPOINT makes Chroma panic; no OTel variable at all"
+    )
     with chroma_server(tmp_path, env) as chroma:
         client = chromadb.HttpClient(host=LOOPBACK, port=chroma.port, settings=Settings(anonymized_telemetry=False))
         assert client.create_collection("untraced", embedding_function=None).count() == 0
