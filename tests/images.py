@@ -160,8 +160,9 @@ def _from_cache_or(engine: Engine, name: str, digest: str, build) -> str:
     _log(f"{name}: built in {time.monotonic() - started:.0f}s")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     for stale in CACHE_DIR.glob(f"{cached.name.rsplit('-', 1)[0]}-*.tar"):
-        stale.unlink()
-    partial = cached.with_suffix(".partial")
+        stale.unlink(missing_ok=True)
+    # Another test session may save the same image at the same time: write apart, rename at once.
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
     engine.run("save", "--output", str(partial), name, timeout=600)
     partial.rename(cached)
     return _image_id(engine, name)
