@@ -1,14 +1,17 @@
 """A Docker engine for the tests: the one that answers, or a private `dockerd` started and stopped by PID.
 
 No image can be pulled on the machines the tests run on, so the engine only ever holds images that
-tests/images.py builds from Debian and PyPI. A private engine gets its own data root, exec root and
-socket under a temp dir, no default bridge and no iptables rules: it changes nothing on the host that
-another engine or test could see, and published ports still reach 127.0.0.1 through docker-proxy.
+tests/images.py builds from Debian and PyPI. A private engine gets its own exec root and socket under
+a temp dir, no default bridge and no iptables rules: it changes nothing on the host that another
+engine or test could see, and published ports still reach 127.0.0.1 through docker-proxy. Its data
+root is kept between sessions (so the stand-ins stay built) while no other session uses it; a
+session that finds it in use gets a throwaway one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +26,7 @@ from pathlib import Path
 # Where an engine already answers, if DOCKER_HOST names none.
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 START_TIMEOUT_SECONDS = 60
+KEPT_ROOT = Path(os.environ.get("CHROMA_INFRA_DOCKER_ROOT") or Path.home() / ".cache" / "chroma-infra" / "dockerd")
 
 
 class EngineUnavailableError(RuntimeError):
@@ -96,10 +100,53 @@ def docker_engine() -> Iterator[Engine]:
     reason = _why_no_engine()
     if reason is not None:
         raise EngineUnavailableError(reason)
-    # Short paths: the exec root holds unix sockets, whose paths must stay under 108 bytes.
-    workdir = Path(tempfile.mkdtemp(prefix="dockerd-", dir="/tmp"))
+    with _data_root() as (data_root, kept):
+        # Short paths: the exec root holds unix sockets, whose paths must stay under 108 bytes.
+        workdir = Path(tempfile.mkdtemp(prefix="dockerd-", dir="/tmp"))
+        try:
+            with _private_dockerd(workdir, data_root) as engine:
+                if kept:
+                    _remove_leftovers(engine)
+                yield engine
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _data_root() -> Iterator[tuple[Path, bool]]:
+    """The kept data root if no other session holds it (an flock), else a throwaway one."""
+    KEPT_ROOT.mkdir(parents=True, exist_ok=True)
+    with (KEPT_ROOT / "lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            throwaway = Path(tempfile.mkdtemp(prefix="data-", dir=KEPT_ROOT))
+            try:
+                yield throwaway, False
+            finally:
+                shutil.rmtree(throwaway, ignore_errors=True)
+            return
+        yield KEPT_ROOT / "data", True
+
+
+def _remove_leftovers(engine: Engine) -> None:
+    """Containers, networks and volumes a killed session left in the kept root (the engine is ours alone)."""
+    containers = engine.run("ps", "-aq").stdout.split()
+    if containers:
+        engine.run("rm", "-f", *containers)
+    networks = engine.run("network", "ls", "-q", "--filter", "type=custom").stdout.split()
+    if networks:
+        engine.run("network", "rm", *networks)
+    volumes = engine.run("volume", "ls", "-q").stdout.split()
+    if volumes:
+        engine.run("volume", "rm", "-f", *volumes)
+
+
+@contextlib.contextmanager
+def _private_dockerd(workdir: Path, data_root: Path) -> Iterator[Engine]:
     host = f"unix://{workdir}/docker.sock"
-    pidfile = workdir / "dockerd.pid"
+    # In the data root: dockerd refuses to start on a root whose pidfile names a live dockerd.
+    pidfile = data_root.parent / f"{data_root.name}.pid"
     log_path = workdir / "dockerd.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -107,7 +154,7 @@ def docker_engine() -> Iterator[Engine]:
                 "dockerd",
                 f"--host={host}",
                 f"--pidfile={pidfile}",
-                f"--data-root={workdir}/data",
+                f"--data-root={data_root}",
                 f"--exec-root={workdir}/exec",
                 "--bridge=none",
                 "--iptables=false",
@@ -132,18 +179,16 @@ def docker_engine() -> Iterator[Engine]:
             version = _server_version(host)
         yield Engine(host=host, version=version, started_here=True)
     finally:
-        _stop_dockerd(process, pidfile)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _stop_dockerd(process)
 
 
-def _stop_dockerd(process: subprocess.Popen, pidfile: Path) -> None:
+def _stop_dockerd(process: subprocess.Popen) -> None:
     """Stops the dockerd started here, by its PID, and waits for it (it stops its containers first)."""
     if process.poll() is not None:
         return
-    pid = int(pidfile.read_text()) if pidfile.exists() else process.pid
-    os.kill(pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(process.pid, signal.SIGKILL)
         process.wait()
