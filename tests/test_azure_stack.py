@@ -212,6 +212,7 @@ def test_otel_settings_reach_the_vm():
     )
     compose = yaml.safe_load(cloud_config.write_files(vm_cloud_config(run))[cloud_config.COMPOSE_FILE])
     assert compose["services"]["chroma"]["environment"] == {
+        "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
         "CHROMA_OPEN_TELEMETRY__ENDPOINT": "http://collector.example.com:4317",
         "CHROMA_OPEN_TELEMETRY__SERVICE_NAME": "vecdb",
         "OTEL_EXPORTER_OTLP_HEADERS": "x-team=abc",

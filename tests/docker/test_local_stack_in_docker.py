@@ -19,7 +19,7 @@ import chromadb
 import pytest
 from conftest import ProgramRun, run_program
 from docker_provider import apply, destroy
-from images import caddy_image_name
+from images import caddy_image_name, chroma_image_name
 from live import free_port, wait_until
 
 from components import runtime
@@ -266,3 +266,27 @@ def test_destroy_without_protection_removes_the_volume(docker_engine, standin_im
         assert docker_engine.run("container", "inspect", throwaway.chroma, check=False).returncode != 0
     finally:
         throwaway.remove_everything()
+
+
+def test_stand_ins_are_laid_out_as_the_real_images(docker_engine, standin_images):
+    chroma, caddy = docker_engine.inspect(chroma_image_name(), caddy_image_name(), kind="image")
+    assert chroma["Config"]["Entrypoint"] == ["dumb-init", "--", "chroma"]
+    assert chroma["Config"]["Cmd"] == ["run", "/config.yaml"]
+    assert set(chroma["Config"]["ExposedPorts"]) == {"8000/tcp"}
+    assert caddy["Config"]["Cmd"] == ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+    assert {"XDG_CONFIG_HOME=/config", "XDG_DATA_HOME=/data"} <= set(caddy["Config"]["Env"])
+    assert set(caddy["Config"]["Volumes"]) == {"/config", "/data"}
+    inside = docker_engine.run(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "bash",
+        chroma_image_name(),
+        "-c",
+        "cat /config.yaml; command -v curl || echo no-curl; chroma --help >/dev/null && echo chroma-runs",
+    ).stdout
+    assert inside.split("\n") == ['persist_path: "/data"', "no-curl", "chroma-runs", ""]
+    version = docker_engine.run("run", "--rm", "--network", "none", caddy_image_name(), "caddy", "version").stdout
+    assert version.startswith(f"v{caddy_image_name().split(':')[1]} ")
