@@ -8,6 +8,7 @@ network can reach is probed from inside such a container.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -186,6 +187,22 @@ def test_smoke_test_passes_every_check_with_the_bearer_header(stack, capsys, doc
     assert code == 0, report
     assert [check["name"] for check in report["checks"]] == list(smoke_test.CHECKS)
     assert all(check["ok"] for check in report["checks"]), report
+
+
+def test_head_of_the_heartbeat_answers_without_a_token_and_nothing_else_does(stack):
+    def status(method: str, path: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", stack.host_port, timeout=10)
+        try:
+            connection.request(method, path)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    # Uptime monitors that use HEAD saw 401 here and reported the service down.
+    assert status("HEAD", runtime.HEARTBEAT_PATH) == 200
+    assert status("GET", runtime.HEARTBEAT_PATH) == 200
+    assert status("HEAD", "/api/v2/collections") == 401
+    assert status("POST", runtime.HEARTBEAT_PATH) == 401
 
 
 def test_only_the_proxy_is_published_and_only_on_loopback(stack):
