@@ -56,6 +56,9 @@ class Registered:
     delete_before_replace: bool
     replace_on_changes: list[str]
     retain_on_delete: bool
+    urn: str = ""
+    # The URNs it depends on (its inputs' resources and dependsOn): what waits for what on `up`.
+    dependencies: list[str] = field(default_factory=list)
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -112,6 +115,8 @@ class RecordingMonitor(MockMonitor):
                     delete_before_replace=request.deleteBeforeReplace,
                     replace_on_changes=list(request.replaceOnChanges),
                     retain_on_delete=request.retainOnDelete,
+                    urn=response.urn,
+                    dependencies=list(request.dependencies),
                 )
             )
         return response

