@@ -51,8 +51,9 @@ HEARTBEAT_PATH = "/api/v2/heartbeat"
 START_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 60.0
 QUERY_COUNT = 20
-# The server refuses a request that is too large (413 Payload Too Large): 5,000 x 3,072 floats was
-# refused here, 5,000 x 1,536 accepted. Batches are cut to at most this many floats.
+# The server answers 413 Payload Too Large to a body over 40 MiB (probed here with bodies of every
+# size), and the client sends float32 as base64: 5,000 x 3,072 was refused, 5,000 x 1,536 accepted.
+# Batches are cut to at most this many floats.
 MAX_FLOATS_PER_BATCH = 5000 * 1536
 SEED = 11
 # Chroma re-reads this row at each purge; with it, the write log is kept instead of purged.
