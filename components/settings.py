@@ -375,17 +375,64 @@ def _vm_memory(reader: _Reader, vm_size: str) -> float:
 def _check_ram(reader: _Reader, vm_size: str, memory: float, embeddings: int, dimensions: int) -> None:
     if not memory:
         return
-    required = sizing.required_memory_gib(embeddings, dimensions)
-    if memory >= required:
+    need = sizing.memory_need(embeddings, dimensions)
+    if memory >= need.required_gib:
         return
-    fitting = ", ".join(f"{name} ({sizing.VM_MEMORY_GIB[name]:g} GiB)" for name in sizing.smallest_fitting(required))
+    fitting = sizing.smallest_fitting(need.required_gib)
+    if fitting:
+        names = ", ".join(
+            f"{name} ({sizing.VM_MEMORY_GIB[name]:g} GiB, {sizing.family_kind(name)})" for name in fitting
+        )
+        fix = (
+            f"Fix: pulumi config set vmSize {fitting[0]}. Smallest that fit: {names}; burstable sizes come last, "
+            "as they throttle once their CPU credits run out."
+        )
+    else:
+        largest = sizing.largest_size()
+        fix = _beyond_one_node(
+            f"no size in the catalog has {need.required_gib:,.0f} GiB (the largest, {largest}, has "
+            f"{sizing.VM_MEMORY_GIB[largest]:g} GiB)"
+        )
+    floor = f" (Chroma's floor is {sizing.MIN_MEMORY_GIB:g} GiB)" if need.required_gib == sizing.MIN_MEMORY_GIB else ""
     reader.problem(
         "vmSize",
         vm_size,
         f"has {memory:g} GiB of RAM; {embeddings:,} embeddings of {dimensions} dimensions need "
-        f"{required:.1f} GiB (Chroma needs at least {sizing.MIN_MEMORY_GIB:g} GiB), and it holds about "
-        f"{sizing.max_embeddings(memory, dimensions):,}. "
-        f"Fix: pulumi config set vmSize <size>; the smallest that fit are {fitting or 'none in the catalog'}.",
+        f"{need.required_gib:,.1f} GiB{floor}: Chroma takes {need.steady_gib:,.1f} GiB at rest and "
+        f"{need.peak_gib:,.1f} GiB while loading, plus {sizing.SYSTEM_RESERVE_GIB:g} GiB for the OS, Docker and Caddy. "
+        f"It holds about {sizing.max_embeddings(memory, dimensions):,} of them. {fix}",
+    )
+
+
+def _beyond_one_node(what: str) -> str:
+    return (
+        f"Nothing here fits: {what}. One Chroma node is the limit of this stack; beyond it, split the data across "
+        "several stacks (by tenant or collection), or use distributed Chroma (Chroma Cloud, or Chroma's "
+        "distributed deployment on Kubernetes), which this project does not deploy."
+    )
+
+
+def _check_data_disk(reader: _Reader, size_gb: int, embeddings: int, dimensions: int) -> None:
+    key = "dataDiskSizeGb"
+    if any(problem.startswith(f"{PROJECT}:{key} ") for problem in reader.problems):
+        return
+    need = sizing.disk_need(embeddings, dimensions)
+    if size_gb >= need.required_gb:
+        return
+    tier = sizing.disk_tier_at_least(need.required_gb)
+    if tier is None:
+        fix = _beyond_one_node(f"the largest managed disk is {sizing.MAX_DISK_GB:,} GB")
+    else:
+        billed = "" if tier == need.required_gb else f" (disks bill by tier; {tier} is the tier that holds it)"
+        fix = f"Fix: pulumi config set {key} {tier}{billed}."
+    reader.problem(
+        key,
+        size_gb,
+        f"is too small for {embeddings:,} embeddings of {dimensions} dimensions: they need {need.required_gb:,} GB "
+        f"({need.index_gib:,.1f} GB of index and {need.growth_gib:,.1f} GB for its next growth step, "
+        f"{need.write_log_gib:,.1f} GB of kept write log, {need.caddy_gib * 1024:.0f} MB for Caddy, over the "
+        f"{sizing.USABLE_DISK_FRACTION:.0%} of a disk ext4 leaves usable). It holds about "
+        f"{sizing.max_embeddings_on_disk(size_gb, dimensions):,} of them. {fix}",
     )
 
 
@@ -659,6 +706,8 @@ def load_settings(
         host_port=reader.integer("hostPort", minimum=1, maximum=65535),
         location=location,
     )
+    if target == "azure":
+        _check_data_disk(reader, settings.data_disk_size_gb, embeddings, dimensions)
     if reader.problems:
         raise SettingsError(reader.problems)
     return settings

@@ -1,20 +1,79 @@
-"""Azure VM size catalog and Chroma's single-node RAM rule.
+"""Azure VM size catalog, and how much RAM and disk Chroma needs for a collection.
 
 The catalog maps a size to its memory so that a stack too small for its data fails at
-preview, not after a day of swapping. The RAM rule is Chroma's published one
-(docs: single-node performance): about 4 bytes per dimension per embedding, plus memory
-for the system, and never less than 2 GiB.
+preview, not after a day of swapping. The model is measured, not Chroma's published rule
+(about 4 bytes per dimension per embedding): `scripts/measure_memory.py` ran the pinned server
+(`chroma run` from the chromadb wheel) over a sweep of dimensions and collection sizes, the
+results are in data/chroma_memory_sweep.json, and `scripts/fit_sizing_model.py` fits the
+constants below from that file. tests/test_sizing_model.py refits them and fails when they drift,
+or when chromaVersion's default moves away from the version the sweep measured.
+
+Only vectors and ids are modelled: documents and metadata add their own size on top.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from dataclasses import dataclass
 
 GIB = 1024**3
+FLOAT32_BYTES = 4
+
+# --- Fitted from data/chroma_memory_sweep.json (scripts/fit_sizing_model.py prints these). ---
+MEASURED_CHROMA_VERSION = '1.5.9'
+# Resident memory of an empty `chroma run`, the largest seen in the sweep.
+SERVER_BASELINE_BYTES = 118644736
+# Steady state (after a restart and queries): N x (a x dims + b) + c, where c is what a collection
+# costs beyond its embeddings.
+STEADY_BYTES_PER_DIMENSION = 3.975
+STEADY_BYTES_PER_EMBEDDING = 385.6
+STEADY_BYTES_PER_COLLECTION = 9470358
+# Extra resident memory while loading (peak RSS during `add` minus steady state): h per float of
+# the request in flight + h0, the line over every run of the sweep.
+INGEST_HEADROOM_BYTES_PER_FLOAT = 32.603
+INGEST_HEADROOM_BYTES = 52835542
+# Data directory on disk (write log purged): N x (factor x the raw float32 vector + e) + f.
+DISK_FACTOR = 1.3224
+DISK_BYTES_PER_EMBEDDING = 157.8
+DISK_BYTES_PER_COLLECTION = 2905374
+# Chroma's write log (embeddings_queue) when it is kept rather than purged: l x dims + l0 per
+# write, and it never shrinks. From the earlier, larger measurement in the sweep file's `reference`
+# (about 15% above this sweep's own 20k-embedding figures, so the more cautious of the two).
+WRITE_LOG_BYTES_PER_DIMENSION = 4.08
+WRITE_LOG_BYTES_PER_EMBEDDING = 233.3
+# --- end of fitted constants ---
+
+# Chroma's single-node performance page: "Less than 2GB of RAM is not recommended", and reserve
+# "at least 1 GB" for the system. The 1 GiB reserve holds the OS (Ubuntu 24.04: systemd,
+# journald, the Azure agent), dockerd and containerd, and Caddy; the Chroma server's own
+# baseline is measured and counted separately above.
 MIN_MEMORY_GIB = 2.0
 SYSTEM_RESERVE_GIB = 1.0
-BYTES_PER_DIMENSION = 4
+# One `add` request carries at most MAX_BATCH_SIZE embeddings (the server's pre-flight
+# max_batch_size) and a 40 MiB body (a bigger one gets 413, probed here); Chroma's Python client
+# sends float32 vectors as base64, 4 bytes in 16/3, so a request holds at most this many floats.
+MAX_BATCH_SIZE = 5461
+MAX_REQUEST_FLOATS = 40 * 1024**2 * 3 // 16
+# The published rule, kept to show how far it under-sizes (tests/test_sizing.py).
+PUBLISHED_BYTES_PER_DIMENSION = 4
+
+# Chroma grows a collection's HNSW index by this factor when it fills (`hnsw:resize_factor`,
+# default 1.2), and its files with it: a collection just past a step holds up to 20% more on disk
+# than the sweep's mid-step average. That, and the kept write log, is the headroom the disk needs.
+HNSW_RESIZE_FACTOR = 1.2
+# Caddy keeps its certificates, keys and ACME account in its data directory on the data disk
+# (components/cloud_config.py CADDY_DATA_DIR). A real `caddy run` (2.6, tls internal) left 36 KB there,
+# certificate, key and CA included; an ACME account and OCSP staples add a few KB. 64 MiB is ample.
+CADDY_DATA_BYTES = 64 * 1024**2
+# ext4 as prepare-data-disk.sh makes it (mkfs.ext4 defaults): 2.4-2.6% metadata and journal, and
+# 5% reserved for root. `dumpe2fs -h` after mkfs.ext4 on 16 and 64 GiB images: (free - reserved)
+# / total = 0.924 and 0.926.
+USABLE_DISK_FRACTION = 0.92
+# Azure managed disk sizes bill by tier; these are the tiers' sizes in GiB (P/E series).
+DISK_TIERS_GB = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32767)
+MAX_DISK_GB = DISK_TIERS_GB[-1]
 
 # Memory in GiB, from the Azure size pages of each family (Microsoft Learn, sizes/*-series).
 VM_MEMORY_GIB: dict[str, float] = {
@@ -122,12 +181,6 @@ _SIZE_NAME = re.compile(r"^Standard_[A-Z]+\d+(?:-\d+)?(?P<features>[a-z]*)(?:_v(
 _NVME_ONLY_FAMILIES = re.compile(r"^Standard_[DE]\d+[a-z]*_v6$")
 
 
-def required_memory_gib(expected_embeddings: int, embedding_dimensions: int) -> float:
-    """RAM Chroma needs to hold the collection in memory, plus a reserve for the system."""
-    index_gib = expected_embeddings * embedding_dimensions * BYTES_PER_DIMENSION / GIB
-    return max(MIN_MEMORY_GIB, index_gib + SYSTEM_RESERVE_GIB)
-
-
 def memory_gib(vm_size: str) -> float | None:
     """Memory of a catalog size, or None for a size the catalog does not know."""
     return VM_MEMORY_GIB.get(vm_size)
@@ -138,13 +191,6 @@ def near_matches(vm_size: str, count: int = 3) -> list[str]:
     by_lower = {name.lower(): name for name in VM_MEMORY_GIB}
     found = difflib.get_close_matches(vm_size.lower(), list(by_lower), n=count, cutoff=0.6)
     return [by_lower[name] for name in found]
-
-
-def smallest_fitting(required_gib: float, count: int = 3) -> list[str]:
-    """The catalog sizes with the least memory that still hold `required_gib`."""
-    fitting = [name for name, gib in VM_MEMORY_GIB.items() if gib >= required_gib]
-    fitting.sort(key=lambda name: (VM_MEMORY_GIB[name], name))
-    return fitting[:count]
 
 
 def supports_premium_storage(vm_size: str) -> bool:
@@ -158,7 +204,141 @@ def is_nvme_only(vm_size: str) -> bool:
     return bool(_NVME_ONLY_FAMILIES.match(vm_size))
 
 
+# Burstable sizes run at a fraction of their vCPUs once their CPU credits are spent, and
+# Chroma's index builds and queries use the CPU for long stretches; so suggestions list
+# general-purpose (D) and memory-optimized (E) sizes first, then compute-optimized (F), and
+# burstable (B) only when nothing else fits.
+_FAMILY_KINDS = {"E": "memory optimized", "D": "general purpose", "F": "compute optimized", "B": "burstable"}
+_FAMILY_RANK = {kind: rank for rank, kind in enumerate(_FAMILY_KINDS)}
+
+
+def family_kind(vm_size: str) -> str:
+    """Memory optimized, general purpose, compute optimized or burstable, from the family letter."""
+    letter = vm_size.removeprefix("Standard_")[:1]
+    return _FAMILY_KINDS.get(letter, "other")
+
+
+def smallest_fitting(required_gib: float, count: int = 3) -> list[str]:
+    """The catalog sizes with the least memory that hold `required_gib`, burstable ones last."""
+    fitting = [name for name, gib in VM_MEMORY_GIB.items() if gib >= required_gib]
+
+    def preference(name: str) -> tuple:
+        letter = name.removeprefix("Standard_")[:1]
+        return (letter == "B", VM_MEMORY_GIB[name], _FAMILY_RANK.get(letter, len(_FAMILY_RANK)), name)
+
+    return sorted(fitting, key=preference)[:count]
+
+
+def largest_size() -> str:
+    """The catalog size with the most memory."""
+    return max(VM_MEMORY_GIB, key=lambda name: VM_MEMORY_GIB[name])
+
+
+def steady_bytes_per_embedding(embedding_dimensions: int) -> float:
+    """Resident memory one embedding costs a running server, measured after a restart and queries."""
+    return STEADY_BYTES_PER_DIMENSION * embedding_dimensions + STEADY_BYTES_PER_EMBEDDING
+
+
+def ingest_headroom_bytes(embedding_dimensions: int) -> float:
+    """Extra resident memory while the largest request a client can send is added, on top of the steady state.
+
+    One writer at a time: each concurrent `add` holds its own request.
+    """
+    floats = min(MAX_BATCH_SIZE * embedding_dimensions, MAX_REQUEST_FLOATS)
+    return INGEST_HEADROOM_BYTES_PER_FLOAT * floats + INGEST_HEADROOM_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a collection costs in RAM, in GiB."""
+
+    steady_gib: float  # the Chroma server at rest with the collection loaded
+    peak_gib: float  # the Chroma server while loading
+    required_gib: float  # peak plus the system reserve, never under MIN_MEMORY_GIB
+
+
+def memory_need(expected_embeddings: int, embedding_dimensions: int) -> MemoryNeed:
+    """Chroma's steady and peak memory for the collection, and the VM memory that holds it."""
+    steady = (
+        SERVER_BASELINE_BYTES
+        + STEADY_BYTES_PER_COLLECTION
+        + expected_embeddings * steady_bytes_per_embedding(embedding_dimensions)
+    )
+    peak = steady + ingest_headroom_bytes(embedding_dimensions)
+    required = max(MIN_MEMORY_GIB, peak / GIB + SYSTEM_RESERVE_GIB)
+    return MemoryNeed(steady_gib=steady / GIB, peak_gib=peak / GIB, required_gib=required)
+
+
+def required_memory_gib(expected_embeddings: int, embedding_dimensions: int) -> float:
+    """VM memory that holds the collection at its peak, plus the system reserve."""
+    return memory_need(expected_embeddings, embedding_dimensions).required_gib
+
+
 def max_embeddings(memory: float, embedding_dimensions: int) -> int:
-    """The largest collection a size with `memory` GiB holds under the same rule."""
-    usable_bytes = max(0.0, memory - SYSTEM_RESERVE_GIB) * GIB
-    return int(usable_bytes // (embedding_dimensions * BYTES_PER_DIMENSION))
+    """The largest collection a size with `memory` GiB holds under the model."""
+    if memory < MIN_MEMORY_GIB:
+        return 0
+    fixed = (
+        SERVER_BASELINE_BYTES
+        + STEADY_BYTES_PER_COLLECTION
+        + ingest_headroom_bytes(embedding_dimensions)
+        + SYSTEM_RESERVE_GIB * GIB
+    )
+    usable = memory * GIB - fixed
+    return max(0, math.floor(usable / steady_bytes_per_embedding(embedding_dimensions)))
+
+
+def published_rule_memory_gib(expected_embeddings: int, embedding_dimensions: int) -> float:
+    """Chroma's published rule: 4 bytes per dimension per embedding, plus 1 GiB, at least 2 GiB."""
+    index_gib = expected_embeddings * embedding_dimensions * PUBLISHED_BYTES_PER_DIMENSION / GIB
+    return max(MIN_MEMORY_GIB, index_gib + SYSTEM_RESERVE_GIB)
+
+
+def write_log_bytes_per_embedding(embedding_dimensions: int) -> float:
+    """Disk one kept write-log row costs (one per add; updates and deletes add rows too)."""
+    return WRITE_LOG_BYTES_PER_DIMENSION * embedding_dimensions + WRITE_LOG_BYTES_PER_EMBEDDING
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a collection costs on the data disk, in GiB (Azure's disk "GB"), and the disk size that holds it."""
+
+    index_gib: float  # SQLite and the HNSW segment files, as measured with the write log purged
+    growth_gib: float  # room for the HNSW files' next growth step (hnsw:resize_factor)
+    write_log_gib: float  # the kept write log: one row per embedding written
+    caddy_gib: float  # Caddy's certificates and ACME account
+    required_gb: int  # all of it, over ext4's usable fraction, rounded up
+
+
+def _index_disk_bytes(embedding_dimensions: int) -> float:
+    return DISK_FACTOR * FLOAT32_BYTES * embedding_dimensions + DISK_BYTES_PER_EMBEDDING
+
+
+def disk_need(expected_embeddings: int, embedding_dimensions: int) -> DiskNeed:
+    """The data disk the collection needs: measured use and its growth room, the kept write log, Caddy's data."""
+    index = DISK_BYTES_PER_COLLECTION + expected_embeddings * _index_disk_bytes(embedding_dimensions)
+    growth = index * (HNSW_RESIZE_FACTOR - 1)
+    write_log = expected_embeddings * write_log_bytes_per_embedding(embedding_dimensions)
+    total = index + growth + write_log + CADDY_DATA_BYTES
+    return DiskNeed(
+        index_gib=index / GIB,
+        growth_gib=growth / GIB,
+        write_log_gib=write_log / GIB,
+        caddy_gib=CADDY_DATA_BYTES / GIB,
+        required_gb=math.ceil(total / USABLE_DISK_FRACTION / GIB),
+    )
+
+
+def max_embeddings_on_disk(size_gb: int, embedding_dimensions: int) -> int:
+    """The largest collection a data disk of `size_gb` holds under the disk model."""
+    per_embedding = HNSW_RESIZE_FACTOR * _index_disk_bytes(embedding_dimensions) + write_log_bytes_per_embedding(
+        embedding_dimensions
+    )
+    fixed = HNSW_RESIZE_FACTOR * DISK_BYTES_PER_COLLECTION + CADDY_DATA_BYTES
+    usable = size_gb * GIB * USABLE_DISK_FRACTION - fixed
+    return max(0, math.floor(usable / per_embedding))
+
+
+def disk_tier_at_least(size_gb: int) -> int | None:
+    """The smallest Azure disk tier size that is at least `size_gb`, or None past the largest disk."""
+    return next((tier for tier in DISK_TIERS_GB if tier >= size_gb), None)

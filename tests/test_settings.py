@@ -6,6 +6,7 @@ import pytest
 from conftest import run_program
 
 from components import settings as settings_module
+from components import sizing
 from components.settings import SettingsError, load_settings
 
 AZURE = {"target": "azure"}
@@ -66,7 +67,12 @@ def test_otel_headers_string_form_is_kept():
 @pytest.mark.parametrize(
     ("vm_size", "fix"),
     [
-        ("Standard_B1s", r"has 1 GiB of RAM; .* need 2\.0 GiB.*smallest that fit are Standard_B1ms \(2 GiB\)"),
+        (
+            "Standard_B1s",
+            r"has 1 GiB of RAM; .* need 2\.0 GiB \(Chroma's floor is 2 GiB\).*"
+            r"Fix: pulumi config set vmSize Standard_F2s_v2\. "
+            r"Smallest that fit: Standard_F2s_v2 \(4 GiB, compute optimized\)",
+        ),
         ("Standard_B1ls", r"has 0\.5 GiB"),
     ],
 )
@@ -74,14 +80,77 @@ def test_vm_size_below_chromas_floor(vm_size, fix):
     assert_one_problem({"vmSize": vm_size}, "vmSize", repr(vm_size), fix)
 
 
-def test_vm_size_too_small_for_the_expected_collection():
+def test_vm_size_too_small_gives_steady_peak_capacity_and_the_sizes_that_fit():
+    need = sizing.memory_need(3_000_000, 1024)
+    fitting = sizing.smallest_fitting(need.required_gib)
     assert_one_problem(
         {"vmSize": "Standard_B2s", "expectedEmbeddings": "3000000"},
         "vmSize",
         "'Standard_B2s'",
-        r"has 4 GiB of RAM; 3,000,000 embeddings of 1024 dimensions need 12\.4 GiB.*holds about 786,432\."
-        r".*Standard_B4ms \(16 GiB\)",
+        rf"has 4 GiB of RAM; 3,000,000 embeddings of 1024 dimensions need {need.required_gib:.1f} GiB: "
+        rf"Chroma takes {need.steady_gib:.1f} GiB at rest and {need.peak_gib:.1f} GiB while loading, "
+        rf"plus 1 GiB for the OS, Docker and Caddy\. "
+        rf"It holds about {sizing.max_embeddings(4, 1024):,} of them\. "
+        rf"Fix: pulumi config set vmSize {fitting[0]}\. Smallest that fit: {fitting[0]} .*"
+        r"burstable sizes come last, as they throttle once their CPU credits run out\.",
     )
+
+
+# Accepted under Chroma's published rule (4 B x dims + 1 GiB, and no disk check), rejected by the measured model.
+OLD_RULE_ACCEPTED = [
+    ({"vmSize": "Standard_D4s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "384"}, "vmSize"),
+    ({"vmSize": "Standard_D2s_v5", "expectedEmbeddings": "1700000", "embeddingDimensions": "1024"}, "vmSize"),
+    ({"vmSize": "Standard_E16s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "1536"}, "dataDiskSizeGb"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), OLD_RULE_ACCEPTED, ids=["10M-384d-16GiB", "1.7M-1024d-8GiB", "10M-1536d-64GB"])
+def test_configs_the_published_rule_accepted_are_rejected(raw, key):
+    memory = sizing.VM_MEMORY_GIB[raw["vmSize"]]
+    embeddings, dimensions = int(raw["expectedEmbeddings"]), int(raw["embeddingDimensions"])
+    assert sizing.published_rule_memory_gib(embeddings, dimensions) <= memory, "the published rule accepted it"
+    problems = problems_for(**raw)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"chroma-infra:{key} = "), problems[0]
+    assert "Fix: pulumi config set " + key in problems[0], problems[0]
+
+
+def test_data_disk_too_small_names_the_key_the_need_and_the_tier():
+    need = sizing.disk_need(10_000_000, 1536)
+    tier = sizing.disk_tier_at_least(need.required_gb)
+    assert_one_problem(
+        {"vmSize": "Standard_E16s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "1536"},
+        "dataDiskSizeGb",
+        "64",
+        rf"is too small for 10,000,000 embeddings of 1536 dimensions: they need {need.required_gb:,} GB "
+        rf"\({need.index_gib:,.1f} GB of index and {need.growth_gib:,.1f} GB for its next growth step, "
+        rf"{need.write_log_gib:,.1f} GB of kept write log, 64 MB for Caddy, over the 92% of a disk ext4 leaves "
+        rf"usable\)\. It holds about {sizing.max_embeddings_on_disk(64, 1536):,} of them\. "
+        rf"Fix: pulumi config set dataDiskSizeGb {tier} \(disks bill by tier",
+    )
+
+
+def test_a_disk_that_holds_the_data_is_accepted():
+    need = sizing.disk_need(10_000_000, 1536)
+    raw = {"vmSize": "Standard_E16s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "1536"}
+    loaded = load_settings({**AZURE, **raw, "dataDiskSizeGb": str(need.required_gb)}, location=REGION)
+    assert loaded.data_disk_size_gb == need.required_gb
+
+
+def test_past_the_largest_size_and_disk_the_message_says_one_node_is_the_limit():
+    problems = problems_for(vmSize="Standard_E192is_v6", expectedEmbeddings="2000000000", embeddingDimensions="3072")
+    assert [problem.split(" = ")[0] for problem in problems] == ["chroma-infra:vmSize", "chroma-infra:dataDiskSizeGb"]
+    for problem in problems:
+        assert "Nothing here fits" in problem, problem
+        assert "One Chroma node is the limit of this stack" in problem, problem
+        assert "distributed Chroma" in problem, problem
+    assert "no size in the catalog has 23,465 GiB (the largest, Standard_E192is_v6, has 1832 GiB)" in problems[0]
+    assert "the largest managed disk is 32,767 GB" in problems[1]
+
+
+def test_the_local_target_has_no_vm_or_disk_to_size():
+    loaded = load_settings({"target": "local", "expectedEmbeddings": "50000000", "dataDiskSizeGb": "4"})
+    assert loaded.expected_embeddings == 50_000_000
 
 
 def test_unknown_vm_size_lists_near_matches():
