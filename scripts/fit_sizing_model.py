@@ -147,7 +147,22 @@ def _count(embeddings: int) -> str:
 def capacity_table() -> str:
     """Embeddings each common size holds under the model, beside Chroma's published figure."""
     header = "| size | RAM | " + " | ".join(f"{dims} dims" for dims in TABLE_DIMENSIONS)
+    under = ", ".join(
+        f"{1 - sizing.PUBLISHED_BYTES_PER_DIMENSION * dims / sizing.steady_bytes_per_embedding(dims):.0%} at {dims}"
+        for dims in (128, 384, 1024, 3072)
+    )
+    model = (
+        f"Measured model (Chroma {sizing.MEASURED_CHROMA_VERSION}): at rest, N x "
+        f"({sizing.STEADY_BYTES_PER_DIMENSION:.2f} B x D + {sizing.STEADY_BYTES_PER_EMBEDDING:.0f} B) "
+        f"+ {sizing.STEADY_BYTES_PER_COLLECTION / 1e6:.0f} MB per collection, over an empty server of "
+        f"{sizing.SERVER_BASELINE_BYTES / 1e6:.0f} MB; while loading, up to "
+        f"{sizing.ingest_headroom_bytes(4096) / 1e6:.0f} MB more; on disk, {sizing.DISK_FACTOR:.2f}x the raw "
+        f"vectors + {sizing.DISK_BYTES_PER_EMBEDDING:.0f} B per embedding. 4 B x D is {under} dims short of the "
+        "measured steady state."
+    )
     lines = [
+        model,
+        "",
         header + " | Chroma's table, 1024 dims |",
         "| --- | ---: |" + " ---: |" * len(TABLE_DIMENSIONS) + " ---: |",
     ]
