@@ -22,7 +22,7 @@ GIB = 1024**3
 FLOAT32_BYTES = 4
 
 # --- Fitted from data/chroma_memory_sweep.json (scripts/fit_sizing_model.py prints these). ---
-MEASURED_CHROMA_VERSION = '1.5.9'
+MEASURED_CHROMA_VERSION = "1.5.9"
 # Resident memory of an empty `chroma run`, the largest seen in the sweep.
 SERVER_BASELINE_BYTES = 118644736
 # Steady state (after a restart and queries): N x (a x dims + b) + c, where c is what a collection

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(sweep_table(sweep))
     print()
     for name, value in fit(sweep).items():
-        print(f"{name} = {value!r}")
+        print(f"{name} = {json.dumps(value) if isinstance(value, str) else repr(value)}")
     return 0
 
 
