@@ -391,7 +391,8 @@ def _check_ram(reader: _Reader, vm_size: str, memory: float, embeddings: int, di
         largest = sizing.largest_size()
         fix = _beyond_one_node(
             f"no size in the catalog has {need.required_gib:,.0f} GiB (the largest, {largest}, has "
-            f"{sizing.VM_MEMORY_GIB[largest]:g} GiB)"
+            f"{sizing.VM_MEMORY_GIB[largest]:g} GiB; for a bigger size outside it, such as the M-series, "
+            "set vmMemoryGib)"
         )
     floor = f" (Chroma's floor is {sizing.MIN_MEMORY_GIB:g} GiB)" if need.required_gib == sizing.MIN_MEMORY_GIB else ""
     reader.problem(
