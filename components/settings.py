@@ -430,8 +430,9 @@ def _check_data_disk(reader: _Reader, size_gb: int, embeddings: int, dimensions:
         key,
         size_gb,
         f"is too small for {embeddings:,} embeddings of {dimensions} dimensions: they need {need.required_gb:,} GB "
-        f"({need.index_gib:,.1f} GB of index and {need.growth_gib:,.1f} GB for its next growth step, "
-        f"{need.write_log_gib:,.1f} GB of kept write log, {need.caddy_gib * 1024:.0f} MB for Caddy, over the "
+        f"({need.index_gib:,.1f} GB of index, {need.growth_gib:,.1f} GB for its next growth step and "
+        f"{need.repair_gib:,.1f} GB for a copy a repair moves aside, {need.write_log_gib:,.1f} GB of kept write log, "
+        f"{need.caddy_gib * 1024:.0f} MB for Caddy, over the "
         f"{sizing.USABLE_DISK_FRACTION:.0%} of a disk ext4 leaves usable). It holds about "
         f"{sizing.max_embeddings_on_disk(size_gb, dimensions):,} of them. {fix}",
     )

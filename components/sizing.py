@@ -61,7 +61,10 @@ PUBLISHED_BYTES_PER_DIMENSION = 4
 
 # Chroma grows a collection's HNSW index by this factor when it fills (`hnsw:resize_factor`,
 # default 1.2), and its files with it: a collection just past a step holds up to 20% more on disk
-# than the sweep's mid-step average. That, and the kept write log, is the headroom the disk needs.
+# than the sweep's mid-step average. After an unclean stop, the guard (scripts/chroma_data.py repair
+# --all) renames every index into moved-aside/ and Chroma rebuilds it from the kept write log, so
+# until someone deletes that folder the disk holds the index twice. Those, and the log itself, are
+# the headroom the disk needs on top of the measured use.
 HNSW_RESIZE_FACTOR = 1.2
 # Caddy keeps its certificates, keys and ACME account in its data directory on the data disk
 # (components/cloud_config.py CADDY_DATA_DIR). A real `caddy run` (2.6, tls internal) left 36 KB there,
@@ -305,6 +308,7 @@ class DiskNeed:
 
     index_gib: float  # SQLite and the HNSW segment files, as measured with the write log purged
     growth_gib: float  # room for the HNSW files' next growth step (hnsw:resize_factor)
+    repair_gib: float  # a repair after an unclean stop moves the indexes aside and rebuilds: a second copy
     write_log_gib: float  # the kept write log: one row per embedding written
     caddy_gib: float  # Caddy's certificates and ACME account
     required_gb: int  # all of it, over ext4's usable fraction, rounded up
@@ -315,14 +319,16 @@ def _index_disk_bytes(embedding_dimensions: int) -> float:
 
 
 def disk_need(expected_embeddings: int, embedding_dimensions: int) -> DiskNeed:
-    """The data disk the collection needs: measured use and its growth room, the kept write log, Caddy's data."""
+    """The data disk the collection needs: measured use, its growth and repair room, the kept write log, Caddy."""
     index = DISK_BYTES_PER_COLLECTION + expected_embeddings * _index_disk_bytes(embedding_dimensions)
     growth = index * (HNSW_RESIZE_FACTOR - 1)
+    repair = index
     write_log = expected_embeddings * write_log_bytes_per_embedding(embedding_dimensions)
-    total = index + growth + write_log + CADDY_DATA_BYTES
+    total = index + growth + repair + write_log + CADDY_DATA_BYTES
     return DiskNeed(
         index_gib=index / GIB,
         growth_gib=growth / GIB,
+        repair_gib=repair / GIB,
         write_log_gib=write_log / GIB,
         caddy_gib=CADDY_DATA_BYTES / GIB,
         required_gb=math.ceil(total / USABLE_DISK_FRACTION / GIB),
@@ -331,10 +337,11 @@ def disk_need(expected_embeddings: int, embedding_dimensions: int) -> DiskNeed:
 
 def max_embeddings_on_disk(size_gb: int, embedding_dimensions: int) -> int:
     """The largest collection a data disk of `size_gb` holds under the disk model."""
-    per_embedding = HNSW_RESIZE_FACTOR * _index_disk_bytes(embedding_dimensions) + write_log_bytes_per_embedding(
+    copies = HNSW_RESIZE_FACTOR + 1  # the index with its growth room, and a repair's moved-aside copy
+    per_embedding = copies * _index_disk_bytes(embedding_dimensions) + write_log_bytes_per_embedding(
         embedding_dimensions
     )
-    fixed = HNSW_RESIZE_FACTOR * DISK_BYTES_PER_COLLECTION + CADDY_DATA_BYTES
+    fixed = copies * DISK_BYTES_PER_COLLECTION + CADDY_DATA_BYTES
     usable = size_gb * GIB * USABLE_DISK_FRACTION - fixed
     return max(0, math.floor(usable / per_embedding))
 

@@ -98,7 +98,15 @@ def test_vm_size_too_small_gives_steady_peak_capacity_and_the_sizes_that_fit():
 
 # Accepted under Chroma's published rule (4 B x dims + 1 GiB, and no disk check), rejected by the measured model.
 OLD_RULE_ACCEPTED = [
-    ({"vmSize": "Standard_D4s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "384"}, "vmSize"),
+    (
+        {
+            "vmSize": "Standard_D4s_v5",
+            "expectedEmbeddings": "10000000",
+            "embeddingDimensions": "384",
+            "dataDiskSizeGb": "256",
+        },
+        "vmSize",
+    ),
     ({"vmSize": "Standard_D2s_v5", "expectedEmbeddings": "1700000", "embeddingDimensions": "1024"}, "vmSize"),
     ({"vmSize": "Standard_E16s_v5", "expectedEmbeddings": "10000000", "embeddingDimensions": "1536"}, "dataDiskSizeGb"),
 ]
@@ -123,8 +131,9 @@ def test_data_disk_too_small_names_the_key_the_need_and_the_tier():
         "dataDiskSizeGb",
         "64",
         rf"is too small for 10,000,000 embeddings of 1536 dimensions: they need {need.required_gb:,} GB "
-        rf"\({need.index_gib:,.1f} GB of index and {need.growth_gib:,.1f} GB for its next growth step, "
-        rf"{need.write_log_gib:,.1f} GB of kept write log, 64 MB for Caddy, over the 92% of a disk ext4 leaves "
+        rf"\({need.index_gib:,.1f} GB of index, {need.growth_gib:,.1f} GB for its next growth step and "
+        rf"{need.repair_gib:,.1f} GB for a copy a repair moves aside, {need.write_log_gib:,.1f} GB of kept write log, "
+        rf"64 MB for Caddy, over the 92% of a disk ext4 leaves "
         rf"usable\)\. It holds about {sizing.max_embeddings_on_disk(64, 1536):,} of them\. "
         rf"Fix: pulumi config set dataDiskSizeGb {tier} \(disks bill by tier",
     )

@@ -111,12 +111,13 @@ def test_nothing_fits_past_the_largest_size():
     assert sizing.smallest_fitting(sizing.VM_MEMORY_GIB[largest] + 1) == []
 
 
-def test_disk_need_adds_growth_room_the_write_log_and_caddy():
+def test_disk_need_adds_growth_and_repair_room_the_write_log_and_caddy():
     need = sizing.disk_need(1_000_000, 1536)
     assert need.write_log_gib > 0
     assert need.growth_gib == pytest.approx(need.index_gib * 0.2)
+    assert need.repair_gib == need.index_gib
     assert need.index_gib > 1_000_000 * 1536 * 4 / sizing.GIB
-    parts = need.index_gib + need.growth_gib + need.write_log_gib + need.caddy_gib
+    parts = need.index_gib + need.growth_gib + need.repair_gib + need.write_log_gib + need.caddy_gib
     assert need.required_gb == math.ceil(parts / sizing.USABLE_DISK_FRACTION)
 
 
