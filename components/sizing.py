@@ -24,20 +24,20 @@ FLOAT32_BYTES = 4
 # --- Fitted from data/chroma_memory_sweep.json (scripts/fit_sizing_model.py prints these). ---
 MEASURED_CHROMA_VERSION = "1.5.9"
 # Resident memory of an empty `chroma run`, the largest seen in the sweep.
-SERVER_BASELINE_BYTES = 118644736
+SERVER_BASELINE_BYTES = 118923264
 # Steady state (after a restart and queries): N x (a x dims + b) + c, where c is what a collection
 # costs beyond its embeddings.
-STEADY_BYTES_PER_DIMENSION = 3.975
-STEADY_BYTES_PER_EMBEDDING = 385.6
-STEADY_BYTES_PER_COLLECTION = 9470358
+STEADY_BYTES_PER_DIMENSION = 4.006
+STEADY_BYTES_PER_EMBEDDING = 388.8
+STEADY_BYTES_PER_COLLECTION = 8912447
 # Extra resident memory while loading (peak RSS during `add` minus steady state): h per float of
 # the request in flight + h0, the line over every run of the sweep.
-INGEST_HEADROOM_BYTES_PER_FLOAT = 32.603
-INGEST_HEADROOM_BYTES = 52835542
+INGEST_HEADROOM_BYTES_PER_FLOAT = 36.511
+INGEST_HEADROOM_BYTES = 111230861
 # Data directory on disk (write log purged): N x (factor x the raw float32 vector + e) + f.
-DISK_FACTOR = 1.3224
-DISK_BYTES_PER_EMBEDDING = 157.8
-DISK_BYTES_PER_COLLECTION = 2905374
+DISK_FACTOR = 1.0526
+DISK_BYTES_PER_EMBEDDING = 61.7
+DISK_BYTES_PER_COLLECTION = 21554787
 # Chroma's write log (embeddings_queue) when it is kept rather than purged: l x dims + l0 per
 # write, and it never shrinks. From the earlier, larger measurement in the sweep file's `reference`
 # (about 15% above this sweep's own 20k-embedding figures, so the more cautious of the two).

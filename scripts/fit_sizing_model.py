@@ -157,7 +157,9 @@ def capacity_table() -> str:
         f"+ {sizing.STEADY_BYTES_PER_COLLECTION / 1e6:.0f} MB per collection, over an empty server of "
         f"{sizing.SERVER_BASELINE_BYTES / 1e6:.0f} MB; while loading, up to "
         f"{sizing.ingest_headroom_bytes(4096) / 1e6:.0f} MB more; on disk, {sizing.DISK_FACTOR:.2f}x the raw "
-        f"vectors + {sizing.DISK_BYTES_PER_EMBEDDING:.0f} B per embedding. 4 B x D is {under} dims short of the "
+        f"vectors + {sizing.DISK_BYTES_PER_EMBEDDING:.0f} B per embedding, and the kept write log "
+        f"{sizing.WRITE_LOG_BYTES_PER_DIMENSION:.2f} B x D + {sizing.WRITE_LOG_BYTES_PER_EMBEDDING:.0f} B per write. "
+        f"4 B x D is {under} dims short of the "
         "measured steady state."
     )
     lines = [
