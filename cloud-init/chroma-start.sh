@@ -25,6 +25,30 @@ if [[ -n ${CHROMA_OOM_SCORE_ADJ:-} ]]; then
 	fi
 fi
 
+# First start on an empty disk: the log flag lives in Chroma's database, which Chroma creates at its
+# first start, and it protects only writes made after it. So Chroma first creates the database on a
+# private port that no client reaches, stops cleanly, and the guard sets the flag before the real start.
+if [[ ! -f "$data_dir/chroma.sqlite3" ]]; then
+	bootstrap_port=${CHROMA_BOOTSTRAP_PORT:-8001}
+	log "first start: Chroma creates its database on private port $bootstrap_port"
+	CHROMA_PORT=$bootstrap_port "$@" &
+	bootstrap=$!
+	until [[ -f "$data_dir/chroma.sqlite3" ]] && (exec 3<>"/dev/tcp/127.0.0.1/$bootstrap_port") 2>/dev/null; do
+		if ! kill -0 "$bootstrap" 2>/dev/null; then
+			wait "$bootstrap" || true
+			log "Chroma exited before it had created its database"
+			exit 1
+		fi
+		sleep 0.2
+	done
+	kill -TERM "$bootstrap"
+	if wait "$bootstrap"; then
+		date -u +%Y-%m-%dT%H:%M:%SZ >"$data_dir/.clean-shutdown"
+		sync "$data_dir/.clean-shutdown" "$data_dir"
+	fi
+	log "first start: database created"
+fi
+
 request="start-$$-$(date +%s%N)"
 rm -f "$data_dir/.ready" "$data_dir/.start-approved"
 echo "$request" >"$data_dir/.start-requested"

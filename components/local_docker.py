@@ -59,6 +59,9 @@ class ChromaLocalDocker(pulumi.ComponentResource):
         super().__init__("chroma-infra:local:ChromaLocalDocker", name, None, opts)
         self._settings = args
         child = pulumi.ResourceOptions(parent=self)
+        # Containers have fixed names, and Docker refuses a second container of the same name: a
+        # replacement (a new image, a new proxy namespace) must remove the old one first.
+        named_container = pulumi.ResourceOptions(parent=self, delete_before_replace=True)
         prefix = f"{pulumi.get_project()}-{pulumi.get_stack()}"
         self.auth_token = credentials.auth_token(name, args, self)
 
@@ -93,7 +96,7 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             wait=True,
             wait_timeout=HEALTHY_WITHIN_SECONDS,
             **_bounded_logs(),
-            opts=child,
+            opts=named_container,
         )
         # By id, not name: a re-created proxy is a new namespace, and these must be re-created into it.
         in_proxy_namespace = proxy.id.apply(lambda proxy_id: f"container:{proxy_id}")
@@ -108,7 +111,7 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             network_mode=in_proxy_namespace,
             restart="unless-stopped",
             **_bounded_logs(),
-            opts=child,
+            opts=named_container,
         )
 
         # Docker's API, as this provider uses it, has no oom_score_adj: chroma-start.sh sets it, which
@@ -134,7 +137,7 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             wait=True,
             wait_timeout=HEALTHY_WITHIN_SECONDS,
             **_bounded_logs(),
-            opts=child,
+            opts=named_container,
         )
 
         self.endpoint = pulumi.Output.from_input(f"http://127.0.0.1:{args.host_port}")

@@ -460,28 +460,36 @@ def _write_durably(path: Path, text: str) -> None:
 
 
 def before_start(data_dir: Path) -> int:
+    """Repairs after an unclean stop, then keeps the log, all before Chroma (and so any client) starts."""
+    if not (data_dir / DATABASE_FILE).is_file():
+        log("before-start: no database yet; Chroma creates it, and its writes go unprotected until after-start")
+        return EXIT_OK
+    _repair_if_unclean(data_dir)
+    # After the repair decision: a repair must see whether the log was kept, not the flag set just now.
+    if keep_log(data_dir):
+        log("before-start: write log kept from now on (automatically_purge set to false)")
+    return EXIT_OK
+
+
+def _repair_if_unclean(data_dir: Path) -> None:
     """After an unclean stop, moves every index aside (rebuilt on first read); arms the crash detector."""
     marker = data_dir / CLEAN_MARKER
-    if not (data_dir / DATABASE_FILE).is_file():
-        log("before-start: no database yet (first start); Chroma creates it")
-        return EXIT_OK
     if marker.exists():
         log("before-start: last stop was clean; indexes kept")
         marker.unlink()
         _fsync_dir(data_dir)  # a crash from here on must find no marker
-        return EXIT_OK
+        return
     log("before-start: no clean-shutdown marker: Chroma crashed, was killed, or this disk is a restored copy")
     try:
         moved = repair(data_dir, move_all=True)
     except RefusedError as error:
         log(f"before-start: NOT repairing: {error}")
-        return EXIT_OK
+        return
     for segment, detail in moved:
         log(f"before-start: moved aside {segment.collection_name}: {detail}")
     if moved:
         _write_durably(data_dir / REBUILD_PENDING, json.dumps([segment.collection_name for segment, _ in moved]))
     log(f"before-start: {len(moved)} vector indexes will be rebuilt from the write log on first read")
-    return EXIT_OK
 
 
 def after_start(data_dir: Path, endpoint: Endpoint, sample: int) -> int:

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tests.crash.harness import (
     chroma_data,
     start_server,
 )
-from tests.live import IMAGE_CONFIG, LOOPBACK, free_port, tls_proxy, wait_until
+from tests.live import IMAGE_CONFIG, LOOPBACK, free_port, port_open, tls_proxy, wait_until
 
 TOOL = ROOT / "scripts" / "chroma_data.py"
 START_SCRIPT = ROOT / "cloud-init" / "chroma-start.sh"
@@ -246,7 +247,9 @@ def guard(data_dir: Path, url: str, log: Path):
         process.wait(timeout=10)
 
 
-def start_container(data_dir: Path, workdir: Path, port: int) -> subprocess.Popen:
+def start_container(
+    data_dir: Path, workdir: Path, port: int, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """chroma-start.sh wrapping the real server, as the container's entrypoint runs it."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(IMAGE_CONFIG, encoding="utf-8")
@@ -258,6 +261,9 @@ def start_container(data_dir: Path, workdir: Path, port: int) -> subprocess.Pope
         "CHROMA_LISTEN_ADDRESS": LOOPBACK,
         "ANONYMIZED_TELEMETRY": "False",
         "CHROMA_APPROVAL_TIMEOUT_SECONDS": "60",
+        # The first start's private port; in the container nothing else listens on the default.
+        "CHROMA_BOOTSTRAP_PORT": str(free_port()),
+        **(extra_env or {}),
     }
     return subprocess.Popen(
         ["bash", str(START_SCRIPT), *CHROMA_RUN, "run", str(workdir / "config.yaml")],
@@ -314,11 +320,68 @@ def test_start_script_and_guard_keep_the_log_from_the_first_start_and_repair_aft
         container = start_container(data_dir, tmp_path / "c3", port)
         wait_until(lambda: ready(data_dir, previous), 90, "the guard's ready file after a clean stop", container)
         assert not (data_dir / chroma_data.CLEAN_MARKER).exists(), "removed before Chroma runs again"
-        assert guard_log.read_text().count("last stop was clean") == 1
+        # The first start's database bootstrap stops cleanly too; the kill in between did not.
+        assert guard_log.read_text().count("last stop was clean") == 2
         assert guard_log.read_text().count("guard: ready") == 3, "each start waited for the guard"
         assert check_server(chroma_data_server(data_dir, port, container), ledger) == []
         os.killpg(container.pid, signal.SIGTERM)
         container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS)
+
+
+@contextlib.contextmanager
+def approver(data_dir: Path):
+    """Only the guard's first half: before-start, then approval. Whatever after-start would add is absent."""
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            request_file = data_dir / chroma_data.START_REQUEST
+            if request_file.exists():
+                request = request_file.read_text().strip()
+                chroma_data.before_start(data_dir)
+                (data_dir / chroma_data.START_APPROVED).write_text(request)
+                request_file.unlink()
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def test_the_log_is_kept_before_chroma_first_listens_where_clients_reach_it(tmp_path):
+    """The flag protects only later writes, so on an empty disk it must be set before the real start."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    port = free_port()
+    with approver(data_dir):
+        container = start_container(data_dir, tmp_path / "c1", port)
+        try:
+            wait_until(lambda: port_open(port), 90, "Chroma on its real port", container)
+            assert purge_flag(data_dir) is False, "a client could write before the log was kept"
+            assert "first start: database created" in (tmp_path / "c1" / "container.log").read_text()
+        finally:
+            os.killpg(container.pid, signal.SIGTERM)
+            container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS)
+
+
+def test_before_start_keeps_the_log_only_after_deciding_on_a_repair(tmp_path):
+    """An old disk whose log was purged: no repair (it would lose vectors), then the log is kept from now on."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    ledger = write_some(data_dir, tmp_path / "w", seconds=2.0, keep_log=False)
+    assert purge_flag(data_dir) is not False
+    chroma_data.before_start(data_dir)  # no clean-shutdown marker: this start counts as unclean
+    assert not (data_dir / chroma_data.MOVED_ASIDE_DIR).exists(), "a repair without the log would lose vectors"
+    assert purge_flag(data_dir) is False
+    server = start_server(data_dir, tmp_path / "r")
+    try:
+        assert check_server(server, ledger) == []
+    finally:
+        server.stop()
 
 
 def chroma_data_server(data_dir: Path, port: int, process: subprocess.Popen) -> Server:

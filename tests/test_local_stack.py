@@ -208,3 +208,12 @@ def test_chroma_starts_through_the_guard_and_stops_gently(local_run):
     assert tool["file"] == runtime.DATA_TOOL_PATH
     assert tool["content"] == (runtime.SCRIPTS_DIR / "chroma_data.py").read_text()
     assert guard["networkMode"] == chroma["networkMode"], "it reaches Chroma on the shared loopback"
+
+
+def test_named_containers_are_removed_before_their_replacement(local_run):
+    # A chromaVersion bump replaces Chroma's container; Docker refuses a second one of the same name.
+    containers = local_run.of_type("docker:index/container:Container")
+    assert len(containers) == 3
+    for container in containers:
+        assert container.inputs["name"], f"{container.name} has a fixed name"
+        assert container.delete_before_replace, f"{container.name} would collide with its own replacement"
