@@ -6,6 +6,11 @@ Azure Backup for disks snapshots it (components/backup.py), and `dataDiskSourceI
 Only 443 (from allowedCidrs), 80 (ACME challenges and the redirect) and, when asked, 22 are open;
 Chroma's port is published on no host port at all. With a `zone`, the VM is pinned to it while the
 disk (ZRS) and the public IP span all zones, so a change of zone replaces the VM and nothing else.
+
+The VM's custom data is only the bootstrap (components/cloud_config.py). What changes with the
+settings (token, header, acmeEmail, chromaVersion, OTel) reaches the running VM through a managed
+run command (components/runtime_config.py), which Azure re-runs whenever its input changes: a
+token rotation is a proxy reload, not a new VM.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import pulumi_azure_native.network as network
 import pulumi_azure_native.resources as resources
 import pulumi_random as random
 
-from components import credentials, sizing, zones
+from components import credentials, runtime_config, sizing, zones
 from components.backup import DataDiskBackup, DataDiskBackupArgs
 from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config
-from components.runtime import HEARTBEAT_PATH
+from components.runtime import HEARTBEAT_PATH, chroma_image
 from components.settings import Settings
 
 DATA_DISK_LUN = 0
@@ -147,7 +152,6 @@ class ChromaAzureVm(pulumi.ComponentResource):
         fqdn = public_ip.dns_settings.apply(lambda dns: dns.fqdn)
         self.auth_token = credentials.auth_token(name, args, self)
         public_key, self.ssh_private_key = credentials.ssh_key(name, args, self)
-        custom_data = pulumi.Output.all(fqdn, self.auth_token).apply(lambda values: self._custom_data(*values))
 
         vm = compute.VirtualMachine(
             f"{name}-vm",
@@ -156,7 +160,7 @@ class ChromaAzureVm(pulumi.ComponentResource):
             os_profile=compute.OSProfileArgs(
                 computer_name="chroma",
                 admin_username=args.admin_username,
-                custom_data=pulumi.Output.secret(custom_data),
+                custom_data=self._custom_data(),
                 linux_configuration=compute.LinuxConfigurationArgs(
                     disable_password_authentication=True,
                     ssh=compute.SshConfigurationArgs(
@@ -208,6 +212,8 @@ class ChromaAzureVm(pulumi.ComponentResource):
                 delete_before_replace=True,
             ),
         )
+
+        self._runtime_config(group, vm, fqdn, tags)
 
         self.fqdn = fqdn
         self.public_ip = public_ip.ip_address.apply(lambda address: address or "")
@@ -284,22 +290,63 @@ class ChromaAzureVm(pulumi.ComponentResource):
         prefix = default_dns_label_prefix(pulumi.get_project(), pulumi.get_stack())
         return pulumi.Output.concat(prefix, "-", suffix.result)
 
-    def _custom_data(self, fqdn: str, token: str) -> str:
-        settings = self._settings
-        cloud_config = render_cloud_config(
-            fqdn=fqdn,
-            chroma_version=settings.chroma_version,
-            auth_header=settings.auth_header,
-            token=token,
-            otel=settings.otel,
-            acme_email=settings.acme_email,
-        )
+    def _custom_data(self) -> str:
+        # The same bytes for any token, version, header, OTel or email: none of them replaces the VM.
+        cloud_config = render_cloud_config()
         encoded = base64.b64encode(cloud_config.encode("utf-8")).decode("ascii")
         if len(encoded) > MAX_CUSTOM_DATA_BYTES:
             raise pulumi.RunError(
                 f"The VM's cloud-config is {len(encoded)} bytes in base64; Azure accepts {MAX_CUSTOM_DATA_BYTES}."
             )
         return encoded
+
+    def _runtime_config(
+        self,
+        group: resources.ResourceGroup,
+        vm: compute.VirtualMachine,
+        fqdn: pulumi.Output[str],
+        tags: dict[str, str],
+    ) -> compute.VirtualMachineRunCommandByVirtualMachine:
+        """The run command that delivers the proxy config and the compose file to the running VM."""
+        settings = self._settings
+
+        def protected(values: list[str]) -> list[dict[str, str]]:
+            command = runtime_config.render_run_command(
+                fqdn=values[0],
+                chroma_version=settings.chroma_version,
+                auth_header=settings.auth_header,
+                token=values[1],
+                otel=settings.otel,
+                acme_email=settings.acme_email,
+            )
+            return [{"name": name, "value": value} for name, value in command.protected_parameters.items()]
+
+        return compute.VirtualMachineRunCommandByVirtualMachine(
+            f"{self._name}-runtime",
+            resource_group_name=group.name,
+            vm_name=vm.name,
+            run_command_name=runtime_config.RUN_COMMAND_NAME,
+            location=settings.location,
+            source=compute.VirtualMachineRunCommandScriptSourceArgs(script=runtime_config.RUN_COMMAND_SCRIPT),
+            # In the clear, so a plan shows a version change; everything else is in the secret files.
+            parameters=[
+                compute.RunCommandInputParameterArgs(
+                    name=runtime_config.IMAGE_PARAMETER, value=chroma_image(settings.chroma_version)
+                )
+            ],
+            protected_parameters=pulumi.Output.secret(pulumi.Output.all(fqdn, self.auth_token).apply(protected)),
+            timeout_in_seconds=runtime_config.RUN_COMMAND_TIMEOUT_SECONDS,
+            # A failed apply (for example a version that never became healthy and was rolled back)
+            # fails `pulumi up`, instead of passing with the old version still running.
+            treat_failure_as_deployment_failure=True,
+            async_execution=False,
+            tags=tags,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                # A run command lives inside its VM: a new VM needs it created (and run) again.
+                replace_with=[vm],
+            ),
+        )
 
     def _ssh_command(self, fqdn: pulumi.Output[str]) -> pulumi.Output[str]:
         user = self._settings.admin_username

@@ -1,4 +1,9 @@
-"""The VM's cloud-config: the static base in cloud-init/ plus the files the VM runs.
+"""The VM's cloud-config (the bootstrap), and the compose file the run command delivers.
+
+The cloud-config holds only what does not change with the deployment's settings: packages, the
+systemd units, the disk script and the apply script. Azure cannot update a VM's custom data, so
+anything in it that changed would replace the VM. The proxy config and the compose file (the token,
+the Chroma version, OTel) reach the running VM through the run command (components/runtime_config.py).
 
 It is built as Python data and emitted with yaml.safe_dump; base64 happens only at the VM
 boundary, in the component.
@@ -13,20 +18,24 @@ from typing import Any
 import yaml
 
 from components import runtime
-from components.runtime import TEMPLATE_DIR, OtelSettings, ProxySite
+from components.runtime import TEMPLATE_DIR, OtelSettings
 
 CONFIG_DIR = "/etc/chroma"
 DATA_MOUNT = "/srv/chroma"
 CHROMA_DATA_DIR = f"{DATA_MOUNT}/data"
 CADDY_DATA_DIR = f"{DATA_MOUNT}/caddy"
 COMPOSE_FILE = f"{CONFIG_DIR}/compose.yaml"
-CADDYFILE = f"{CONFIG_DIR}/Caddyfile"
+# The proxy mounts this directory, not the file: a file mount would keep the old inode when the
+# apply script replaces the file, and `caddy reload` would read the old config.
+PROXY_CONFIG_DIR = f"{CONFIG_DIR}/proxy"
+CADDYFILE = f"{PROXY_CONFIG_DIR}/Caddyfile"
 DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
 # On the host for the operator (verify, repair; README's runbook), and mounted into the guard.
 DATA_TOOL = "/usr/local/sbin/chroma-data"
 GUARD_JOURNAL_TAG = "chroma-guard"
 # Mounted into the chroma container as its entrypoint.
 START_SCRIPT = "/usr/local/lib/chroma/chroma-start.sh"
+APPLY_SCRIPT = "/usr/local/sbin/chroma-apply"
 UNIT_DIR = "/etc/systemd/system"
 UNIT_FILES = ("chroma-data-disk.service", "srv-chroma.mount", "chroma.service")
 # `systemd-escape --path --suffix=device /dev/disk/by-label/chroma-data`: the mount's device.
@@ -84,7 +93,7 @@ def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
                 "restart": "unless-stopped",
                 "ports": ["80:80", "443:443"],
                 "volumes": [
-                    _bind(CADDYFILE, "/etc/caddy/Caddyfile", read_only=True),
+                    _bind(PROXY_CONFIG_DIR, "/etc/caddy", read_only=True),
                     _bind(CADDY_DATA_DIR, "/data"),
                 ],
                 "healthcheck": _healthcheck(runtime.PROXY_HEALTHCHECK),
@@ -154,23 +163,16 @@ def _compressed_file(path: str, content: str, permissions: str) -> dict[str, str
     return {**_file(path, packed, permissions), "encoding": "gz+b64"}
 
 
-def render_cloud_config(
-    *,
-    fqdn: str,
-    chroma_version: str,
-    auth_header: str,
-    token: str,
-    otel: OtelSettings | None,
-    acme_email: str | None,
-) -> str:
-    """The whole cloud-config for the VM, as text starting with #cloud-config."""
+def render_cloud_config() -> str:
+    """The VM's bootstrap cloud-config, as text starting with #cloud-config.
+
+    It takes no settings on purpose: the same text for every chromaVersion, token, header, OTel
+    setting and acmeEmail, so changing those never replaces the VM.
+    """
     base = yaml.safe_load((TEMPLATE_DIR / "cloud-config.yaml").read_text(encoding="utf-8"))
-    caddyfile = runtime.render_caddyfile(ProxySite(site_address=fqdn), auth_header, token, acme_email)
-    # Both files hold secrets (the token; the OTel headers): root only.
     files = [
-        _file(CADDYFILE, caddyfile, "0600"),
-        _file(COMPOSE_FILE, render_compose(chroma_version, otel), "0600"),
         _file(DISK_SCRIPT, (TEMPLATE_DIR / "prepare-data-disk.sh").read_text(encoding="utf-8"), "0755"),
+        _file(APPLY_SCRIPT, (TEMPLATE_DIR / "chroma-apply.sh").read_text(encoding="utf-8"), "0755"),
         _file(START_SCRIPT, (TEMPLATE_DIR / "chroma-start.sh").read_text(encoding="utf-8"), "0755"),
         _compressed_file(DATA_TOOL, (runtime.SCRIPTS_DIR / "chroma_data.py").read_text(encoding="utf-8"), "0755"),
     ]

@@ -17,6 +17,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
 
 CHROMA_PORT = 8000
 PROXY_HEALTH_PORT = 2020
+# The VM's proxy takes `caddy reload` here (inside its container); the local stack has no admin API.
+PROXY_ADMIN_SOCKET = "/run/caddy-admin.sock"
 HEARTBEAT_PATH = "/api/v2/heartbeat"
 CADDY_IMAGE = "caddy:2.10.2"
 CHROMA_IMAGE_REPOSITORY = "chromadb/chroma"
@@ -101,7 +103,8 @@ _TEMPLATES = jinja2.Environment(
 class ProxySite:
     """Where the proxy listens and how it does TLS: the only things targets (and tests) change.
 
-    The ports and bind address are for running on loopback, where 80 and 443 are not ours.
+    The ports and bind address are for running on loopback, where 80 and 443 are not ours. With
+    `admin_socket`, Caddy takes `caddy reload` on that unix socket; without it, its admin API is off.
     """
 
     site_address: str
@@ -112,6 +115,7 @@ class ProxySite:
     https_port: int | None = None
     bind_address: str | None = None
     health_port: int = PROXY_HEALTH_PORT
+    admin_socket: str | None = None
 
 
 # The crates Chroma 1.5's tracing filter lists, each at trace by default

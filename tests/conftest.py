@@ -7,6 +7,7 @@ callbacks are skipped, and assertions would check nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -217,6 +218,27 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(item) for item in value]
     return value
+
+
+RUN_COMMAND = "azure-native:compute:VirtualMachineRunCommandByVirtualMachine"
+
+
+def run_command_parameters(run: ProgramRun) -> dict[str, str]:
+    """Every parameter of the VM's run command, plain and protected, as the script's environment sees them."""
+    inputs = plain(run.one(RUN_COMMAND).inputs)
+    pairs = [*inputs.get("parameters", []), *inputs.get("protectedParameters", [])]
+    return {pair["name"]: pair["value"] for pair in pairs}
+
+
+def vm_runtime_files(run: ProgramRun) -> dict[str, str]:
+    """Path on the VM -> content of the two files the run command delivers (decoded from base64)."""
+    from components import cloud_config, runtime_config
+
+    parameters = run_command_parameters(run)
+    return {
+        cloud_config.CADDYFILE: base64.b64decode(parameters[runtime_config.CADDYFILE_PARAMETER]).decode(),
+        cloud_config.COMPOSE_FILE: base64.b64decode(parameters[runtime_config.COMPOSE_PARAMETER]).decode(),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import base64
 
 import pytest
 import yaml
-from conftest import MOCK_TOKEN, PROJECT, is_secret_input, plain, run_program
+from conftest import MOCK_TOKEN, PROJECT, is_secret_input, plain, run_program, vm_runtime_files
 
 from components import cloud_config, runtime
 
@@ -116,14 +116,14 @@ def test_vm_is_ubuntu_2404_key_only_and_replaced_when_custom_data_changes(dev_ru
     assert vm.delete_before_replace, "the data disk can attach to one VM at a time"
 
 
-def test_custom_data_is_secret_and_is_the_rendered_cloud_config(dev_run):
-    os_profile = dev_run.one(VM).inputs["osProfile"]
-    assert is_secret_input(os_profile), "custom data carries the token, so it must be secret"
+def test_custom_data_is_the_bootstrap_only_and_the_run_command_carries_the_proxy_config(dev_run):
+    assert vm_cloud_config(dev_run) == cloud_config.render_cloud_config()
     document = yaml.safe_load(vm_cloud_config(dev_run))
-    caddyfile = cloud_config.write_files(vm_cloud_config(dev_run))[cloud_config.CADDYFILE]
+    assert document["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
+    assert MOCK_TOKEN not in vm_cloud_config(dev_run), "custom data is not for secrets"
+    caddyfile = vm_runtime_files(dev_run)[cloud_config.CADDYFILE]
     assert f"\n{dev_run.outputs['fqdn']} {{" in caddyfile
     assert f'"{runtime.auth_pattern("Authorization", MOCK_TOKEN)}"' in caddyfile
-    assert document["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
 
 
 def test_data_disk_is_empty_attached_by_lun_detached_on_delete_and_protected(dev_run):
@@ -200,7 +200,7 @@ def test_configured_token_and_key_are_used_and_nothing_is_generated():
     assert "authToken" in run.secret_outputs
     assert "sshPrivateKey" not in run.outputs
     assert plain(run.one(VM).inputs)["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"] == key
-    caddyfile = cloud_config.write_files(vm_cloud_config(run))[cloud_config.CADDYFILE]
+    caddyfile = vm_runtime_files(run)[cloud_config.CADDYFILE]
     assert f'header_regexp X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token", token)}"' in caddyfile
 
 
@@ -210,7 +210,7 @@ def test_otel_settings_reach_the_vm():
         {"otelEndpoint": "http://collector.example.com:4317", "otelHeaders": "x-team=abc", "otelServiceName": "vecdb"},
         ("otelHeaders",),
     )
-    compose = yaml.safe_load(cloud_config.write_files(vm_cloud_config(run))[cloud_config.COMPOSE_FILE])
+    compose = yaml.safe_load(vm_runtime_files(run)[cloud_config.COMPOSE_FILE])
     assert compose["services"]["chroma"]["environment"] == {
         "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
         "CHROMA_OPEN_TELEMETRY__ENDPOINT": "http://collector.example.com:4317",

@@ -1,4 +1,4 @@
-"""The VM's rendered cloud-config: valid for cloud-init old and new, and carrying the right files."""
+"""The VM's rendered cloud-config (valid for cloud-init old and new), and the runtime files its run command carries."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from components import cloud_config, runtime
+from components import cloud_config, runtime, runtime_config
 from components.runtime import OtelSettings
 
 # cloud-init 26.2's schema, vendored: see tests/schemas/README.md.
@@ -19,19 +19,24 @@ TOKEN = "RenderTestToken0123456789abcdefghij"
 OTEL = OtelSettings("http://collector.example.com:4317", "chroma-test", "x-team=abc,x-env=prod")
 
 
-def render(otel=None, auth_header="Authorization", acme_email=None):
-    return cloud_config.render_cloud_config(
-        fqdn=FQDN, chroma_version="1.5.9", auth_header=auth_header, token=TOKEN, otel=otel, acme_email=acme_email
+def runtime_files(otel=None, auth_header="Authorization", acme_email=None):
+    return runtime_config.render_runtime_files(
+        site=runtime_config.vm_site(FQDN),
+        chroma_version="1.5.9",
+        auth_header=auth_header,
+        token=TOKEN,
+        otel=otel,
+        acme_email=acme_email,
     )
 
 
-def compose_of(text):
-    return yaml.safe_load(cloud_config.write_files(text)[cloud_config.COMPOSE_FILE])
+def compose_of(files):
+    return yaml.safe_load(files.compose)
 
 
-@pytest.fixture(params=["no-otel", "otel"], scope="module")
-def rendered(request):
-    return render(otel=OTEL if request.param == "otel" else None, acme_email="ops@example.com")
+@pytest.fixture(scope="module")
+def rendered():
+    return cloud_config.render_cloud_config()
 
 
 def test_real_cloud_init_accepts_it(rendered, tmp_path):
@@ -76,11 +81,12 @@ def test_runcmd_only_starts_the_unit(rendered):
     assert yaml.safe_load(rendered)["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
 
 
-def test_secret_files_are_root_only(rendered):
+def test_scripts_are_executable_and_no_runtime_file_is_in_the_bootstrap(rendered):
     modes = {entry["path"]: entry["permissions"] for entry in yaml.safe_load(rendered)["write_files"]}
-    assert modes[cloud_config.CADDYFILE] == "0600"
-    assert modes[cloud_config.COMPOSE_FILE] == "0600"
     assert modes[cloud_config.DISK_SCRIPT] == "0755"
+    assert modes[cloud_config.APPLY_SCRIPT] == "0755"
+    assert cloud_config.CADDYFILE not in modes, "the proxy config comes from the run command"
+    assert cloud_config.COMPOSE_FILE not in modes, "the compose file comes from the run command"
 
 
 def test_files_are_shipped_verbatim_from_cloud_init_dir(rendered):
@@ -88,12 +94,14 @@ def test_files_are_shipped_verbatim_from_cloud_init_dir(rendered):
     for unit in cloud_config.UNIT_FILES:
         assert files[f"{cloud_config.UNIT_DIR}/{unit}"] == (runtime.TEMPLATE_DIR / unit).read_text()
     assert files[cloud_config.DISK_SCRIPT] == (runtime.TEMPLATE_DIR / "prepare-data-disk.sh").read_text()
+    assert files[cloud_config.APPLY_SCRIPT] == (runtime.TEMPLATE_DIR / "chroma-apply.sh").read_text()
     drop_in = (runtime.TEMPLATE_DIR / "chroma-data-device-timeout.conf").read_text()
     assert files[cloud_config.DEVICE_TIMEOUT_DROP_IN] == drop_in
 
 
-def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
-    chroma = compose_of(rendered)["services"]["chroma"]
+@pytest.mark.parametrize("otel", [None, OTEL])
+def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(otel):
+    chroma = compose_of(runtime_files(otel=otel))["services"]["chroma"]
     assert "ports" not in chroma
     volume, start_script = chroma["volumes"]
     assert start_script == {
@@ -110,8 +118,8 @@ def test_chroma_is_on_no_host_port_and_its_data_only_on_the_disk(rendered):
     assert chroma["image"] == "chromadb/chroma:1.5.9"
 
 
-def test_proxy_publishes_only_http_and_https(rendered):
-    proxy = compose_of(rendered)["services"]["proxy"]
+def test_proxy_publishes_only_http_and_https():
+    proxy = compose_of(runtime_files())["services"]["proxy"]
     assert proxy["ports"] == ["80:80", "443:443"]
     assert proxy["image"] == runtime.CADDY_IMAGE
     assert ":" in proxy["image"]
@@ -119,8 +127,9 @@ def test_proxy_publishes_only_http_and_https(rendered):
     assert "depends_on" not in proxy, "the proxy owns the network namespace, so it starts first"
 
 
-def test_chroma_listens_only_on_the_proxys_loopback(rendered):
-    services = compose_of(rendered)["services"]
+def test_chroma_listens_only_on_the_proxys_loopback():
+    files = runtime_files()
+    services = compose_of(files)["services"]
     chroma = services["chroma"]
     assert chroma["network_mode"] == "service:proxy", "no address of its own: only the proxy reaches Chroma"
     assert chroma["environment"]["CHROMA_LISTEN_ADDRESS"] == "127.0.0.1"
@@ -129,23 +138,23 @@ def test_chroma_listens_only_on_the_proxys_loopback(rendered):
     guard = services["guard"]
     assert guard["network_mode"] == "service:proxy", "the guard reaches Chroma on the shared loopback"
     assert guard["command"][-1] == "http://127.0.0.1:8000"
-    assert "reverse_proxy 127.0.0.1:8000" in cloud_config.write_files(rendered)[cloud_config.CADDYFILE]
+    assert "reverse_proxy 127.0.0.1:8000" in files.caddyfile
 
 
-def test_chroma_and_the_proxy_keep_bounded_logs(rendered):
-    services = compose_of(rendered)["services"]
+def test_chroma_and_the_proxy_keep_bounded_logs():
+    services = compose_of(runtime_files())["services"]
     for name in ("chroma", "proxy"):
         assert services[name]["logging"] == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "3"}}
 
 
-def test_health_checks_start_early(rendered):
-    services = compose_of(rendered)["services"]
+def test_health_checks_start_early():
+    services = compose_of(runtime_files())["services"]
     for name in ("chroma", "proxy"):
         assert services[name]["healthcheck"]["start_interval"] == "1s", name
 
 
-def test_containers_restart_and_health_checks_need_no_curl(rendered):
-    services = compose_of(rendered)["services"]
+def test_containers_restart_and_health_checks_need_no_curl():
+    services = compose_of(runtime_files())["services"]
     assert set(services) == {"chroma", "guard", "proxy"}
     for name, service in services.items():
         assert service["restart"] == "unless-stopped", name
@@ -156,21 +165,21 @@ def test_containers_restart_and_health_checks_need_no_curl(rendered):
         assert "curl" not in " ".join(test), name
 
 
-def test_compose_dollars_are_escaped_so_compose_does_not_interpolate(rendered):
-    test = compose_of(rendered)["services"]["chroma"]["healthcheck"]["test"]
+def test_compose_dollars_are_escaped_so_compose_does_not_interpolate():
+    test = compose_of(runtime_files())["services"]["chroma"]["healthcheck"]["test"]
     assert "$$status" in test[-1]
     assert [part.replace("$$", "$") for part in test] == list(runtime.CHROMA_HEALTHCHECK)
 
 
 def test_no_otel_endpoint_means_no_otel_variable_at_all():
-    environment = compose_of(render(otel=None))["services"]["chroma"]["environment"]
+    environment = compose_of(runtime_files(otel=None))["services"]["chroma"]["environment"]
     assert environment == {"CHROMA_LISTEN_ADDRESS": "127.0.0.1"}
-    assert "OPEN_TELEMETRY" not in render(otel=None)
-    assert "OTEL_" not in render(otel=None)
+    assert "OPEN_TELEMETRY" not in runtime_files(otel=None).compose
+    assert "OTEL_" not in runtime_files(otel=None).compose
 
 
 def test_otel_uses_the_names_chroma_1x_honours():
-    environment = compose_of(render(otel=OTEL))["services"]["chroma"]["environment"]
+    environment = compose_of(runtime_files(otel=OTEL))["services"]["chroma"]["environment"]
     assert environment == {
         "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
         "CHROMA_OPEN_TELEMETRY__ENDPOINT": "http://collector.example.com:4317",
@@ -178,7 +187,7 @@ def test_otel_uses_the_names_chroma_1x_honours():
         "OTEL_EXPORTER_OTLP_HEADERS": "x-team=abc,x-env=prod",
         "OTEL_BSP_SCHEDULE_DELAY": runtime.OTEL_BATCH_DELAY_MS,
     }
-    assert "CHROMA_OTEL_" not in render(otel=OTEL)
+    assert "CHROMA_OTEL_" not in runtime_files(otel=OTEL).compose
 
 
 @pytest.mark.parametrize(("granularity", "level"), [("operation", "error"), ("operation_and_segment", "info")])
@@ -205,7 +214,7 @@ def test_granularity_all_keeps_chromas_default():
     ],
 )
 def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header, matcher):
-    caddyfile = cloud_config.write_files(render(auth_header=auth_header))[cloud_config.CADDYFILE]
+    caddyfile = runtime_files(auth_header=auth_header).caddyfile
     assert f"\n{FQDN} {{\n" in caddyfile
     assert matcher in caddyfile
     assert "tls internal" not in caddyfile
@@ -215,10 +224,10 @@ def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header,
 
 
 def test_acme_email_reaches_caddy_only_when_set():
-    with_email = cloud_config.write_files(render(acme_email="ops@example.com"))[cloud_config.CADDYFILE]
+    with_email = runtime_files(acme_email="ops@example.com").caddyfile
     assert 'email "ops@example.com"' in with_email
     assert "cert_issuer" not in with_email, "with an email, Caddy's default issuers (Let's Encrypt, ZeroSSL) apply"
-    without = cloud_config.write_files(render())[cloud_config.CADDYFILE]
+    without = runtime_files().caddyfile
     assert "email " not in without
     assert "cert_issuer acme\n" in without, "without an email, only Let's Encrypt: ZeroSSL needs one"
 
@@ -228,8 +237,8 @@ def test_empty_token_is_never_rendered():
         runtime.render_caddyfile(runtime.ProxySite(FQDN), "Authorization", "")
 
 
-def test_chroma_starts_through_the_guard_and_stops_gently(rendered):
-    services = compose_of(rendered)["services"]
+def test_chroma_starts_through_the_guard_and_stops_gently():
+    services = compose_of(runtime_files())["services"]
     chroma, guard = services["chroma"], services["guard"]
     assert chroma["entrypoint"] == list(runtime.CHROMA_ENTRYPOINT)
     assert chroma["command"] == ["chroma", "run", "/config.yaml"], "the image's own command, wrapped"
@@ -256,7 +265,7 @@ def test_the_start_script_and_data_tool_are_shipped_verbatim(rendered):
 
 
 def test_the_health_site_binds_loopback_only():
-    caddyfile = cloud_config.write_files(render())[cloud_config.CADDYFILE]
+    caddyfile = runtime_files().caddyfile
     health_site = caddyfile[caddyfile.index(f"http://127.0.0.1:{runtime.PROXY_HEALTH_PORT} {{") :]
     # A site address does not bind; without `bind`, another container got 200 from it.
     assert "\tbind 127.0.0.1\n" in health_site

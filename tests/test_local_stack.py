@@ -3,9 +3,9 @@
 import difflib
 
 import pytest
-from conftest import MOCK_TOKEN, is_secret_input, plain, run_program
+from conftest import MOCK_TOKEN, is_secret_input, plain, run_program, vm_runtime_files
 
-from components import cloud_config, runtime
+from components import cloud_config, runtime, runtime_config
 from components.local_docker import LOCAL_SITE, PROXY_CONTAINER_PORT
 from components.runtime import ProxySite
 
@@ -152,16 +152,26 @@ def test_caddyfile_upload_is_secret_and_uses_the_token(local_run):
 
 def test_local_caddyfile_is_the_vms_but_for_the_declared_parameters(local_run, dev_run):
     local = uploaded_caddyfile(local_run)
-    vm = cloud_config.write_files(
-        __import__("base64")
-        .b64decode(plain(dev_run.one("azure-native:compute:VirtualMachine").inputs)["osProfile"]["customData"])
-        .decode()
-    )[cloud_config.CADDYFILE]
+    vm = vm_runtime_files(dev_run)[cloud_config.CADDYFILE]
     # Same renderer, same inputs: swapping only the ProxySite turns one into the other, byte for byte.
     assert runtime.render_caddyfile(LOCAL_SITE, "Authorization", MOCK_TOKEN) == local
-    assert runtime.render_caddyfile(ProxySite(site_address=dev_run.outputs["fqdn"]), "Authorization", MOCK_TOKEN) == vm
-    changed = [line for line in difflib.ndiff(vm.splitlines(), local.splitlines()) if line[:1] in "+-"]
-    assert changed == [f"- {dev_run.outputs['fqdn']} {{", f"+ {LOCAL_SITE.site_address} {{"]
+    vm_site = runtime_config.vm_site(dev_run.outputs["fqdn"])
+    assert runtime.render_caddyfile(vm_site, "Authorization", MOCK_TOKEN) == vm
+    # The VM's proxy takes `caddy reload` on a socket in its own container; the local one has no admin API.
+    assert vm_site == ProxySite(site_address=dev_run.outputs["fqdn"], admin_socket=runtime.PROXY_ADMIN_SOCKET)
+    changed = [
+        " ".join(line.split())
+        for line in difflib.ndiff(vm.splitlines(), local.splitlines())
+        if line[:1] in "+-" and not line[1:].strip().startswith("#")
+    ]
+    assert sorted(changed) == sorted(
+        [
+            f"- admin unix/{runtime.PROXY_ADMIN_SOCKET}",
+            "+ admin off",
+            f"- {dev_run.outputs['fqdn']} {{",
+            f"+ {LOCAL_SITE.site_address} {{",
+        ]
+    )
 
 
 def test_exports_match_the_azure_names(local_run, dev_run):

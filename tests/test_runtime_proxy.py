@@ -52,7 +52,7 @@ from vm_fixtures import (
     vm_files,
 )
 
-from components import cloud_config, runtime
+from components import cloud_config, runtime, runtime_config
 from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, ProxySite
 
 # chromadb's own HttpClient hands httpx a CA path as a string, which httpx deprecates; not ours to change.
@@ -87,7 +87,7 @@ def other_header(auth_header: str) -> str:
 def proxy_in_front_of(upstream: str, auth_header: str, workdir: Path) -> Iterator[tuple[ProxySite, Caddy]]:
     """A loopback Caddy from the renderer the VM's Caddyfile comes from (checked), in front of `upstream`."""
     vm_caddyfile = vm_files(auth_header)[cloud_config.CADDYFILE]
-    assert runtime.render_caddyfile(ProxySite(FQDN), auth_header, TOKEN, ACME_EMAIL) == vm_caddyfile
+    assert runtime.render_caddyfile(runtime_config.vm_site(FQDN), auth_header, TOKEN, ACME_EMAIL) == vm_caddyfile
     with tls_proxy(workdir, upstream, auth_header, TOKEN, ACME_EMAIL) as running:
         yield running
 

@@ -1,7 +1,8 @@
 """The VM's files as its rendered cloud-config writes them, and loop devices to run them against.
 
 Every runtime test takes its files from here, so none of them reads a hand-kept copy: the
-cloud-config is rendered by the same function the VM's is, and parsed back with `write_files`.
+cloud-config is rendered by the same function the VM's is, and parsed back with `write_files`, and
+the proxy config and compose file by the same function as the VM's run command.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import cloud_config
+from components import cloud_config, runtime_config
 from components.runtime import AUTHORIZATION, OtelSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,16 +36,20 @@ def pinned_chroma_version() -> str:
 
 
 def vm_files(auth_header: str = AUTHORIZATION, otel: OtelSettings | None = None) -> dict[str, str]:
-    """Path -> content of what the VM's rendered cloud-config writes."""
-    rendered = cloud_config.render_cloud_config(
-        fqdn=FQDN,
+    """Path -> content of what the VM holds once running: the cloud-config's files, then the run command's."""
+    runtime_files = runtime_config.render_runtime_files(
+        site=runtime_config.vm_site(FQDN),
         chroma_version=pinned_chroma_version(),
         auth_header=auth_header,
         token=TOKEN,
         otel=otel,
         acme_email=ACME_EMAIL,
     )
-    return cloud_config.write_files(rendered)
+    return {
+        **cloud_config.write_files(cloud_config.render_cloud_config()),
+        cloud_config.CADDYFILE: runtime_files.caddyfile,
+        cloud_config.COMPOSE_FILE: runtime_files.compose,
+    }
 
 
 def compose_service(files: dict[str, str], service: str) -> dict:
