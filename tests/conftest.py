@@ -60,6 +60,7 @@ class Registered:
     urn: str = ""
     # The URNs it depends on (its inputs' resources and dependsOn): what waits for what on `up`.
     dependencies: list[str] = field(default_factory=list)
+    replace_with: list[str] = field(default_factory=list)
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -118,6 +119,7 @@ class RecordingMonitor(MockMonitor):
                     retain_on_delete=request.retainOnDelete,
                     urn=response.urn,
                     dependencies=list(request.dependencies),
+                    replace_with=list(request.replace_with),
                 )
             )
         return response
