@@ -20,6 +20,7 @@
 # defaults.
 #
 # What this relies on in Azure, which nothing here can run:
+#   - `docker compose up --wait-timeout` needs compose v2.17 or later; Ubuntu 24.04 ships a later one.
 #   - The agent may start a run command while cloud-init is still installing Docker (extensions
 #     are handled once the VM reports ready, which is before cloud-init's final stage), so the
 #     script waits for cloud-init's boot-finished file first.
@@ -123,7 +124,7 @@ start_first_time() {
 	pull_if_missing || fail "could not pull $CHROMA_IMAGE"
 	replace_file "$caddyfile" <"$staged/Caddyfile"
 	replace_file "$compose_file" <"$staged/compose.yaml"
-	systemctl start "$unit"
+	systemctl start "$unit" || fail "$unit did not start; see journalctl -u $unit and docker compose --file $compose_file logs"
 }
 
 umask 077

@@ -33,6 +33,7 @@ STATE_VARIABLE = "DAY2_HOST_STATE"
 HEARTBEAT = "/api/v2/heartbeat"
 STOP_GRACE_SECONDS = 15
 IMAGE_CONFIG = 'persist_path: "/data"\n'
+CHROMA_CONTAINER_PORT = 8000
 
 
 class Host:
@@ -116,19 +117,67 @@ def _pull(host: Host, image: str) -> bool:
     return True
 
 
+# How the real images start when the compose file does not say (entrypoint, then command).
+IMAGE_DEFAULTS = {
+    "chromadb/chroma": (["dumb-init", "--", "chroma"], ["run", "/config.yaml"]),
+}
+
+
+def _argv(host: Host, service: dict[str, Any], workdir: Path) -> list[str]:
+    """The container's command as the test's own programs: mounts mapped, image paths replaced."""
+    default_entrypoint, default_command = IMAGE_DEFAULTS.get(service["image"].split(":")[0], ([], []))
+    entrypoint = service.get("entrypoint", default_entrypoint)
+    command = service.get("command", default_command if "entrypoint" not in service else [])
+    argv = [*entrypoint, *command]
+    # dumb-init only forwards signals: the stand-in signals the whole process group instead.
+    if argv[:2] == ["dumb-init", "--"]:
+        argv = argv[2:]
+    mounts = _mounts(host, service)
+    programs = {
+        "chroma": host.config["chroma"],
+        "python3": sys.executable,
+        "/config.yaml": str(workdir / "config.yaml"),
+    }
+    chroma_url = f"http://chroma:{CHROMA_CONTAINER_PORT}"
+
+    def mapped(argument: str) -> str:
+        if argument in programs:
+            return programs[argument]
+        if argument == chroma_url:
+            return f"http://127.0.0.1:{host.config['chroma_port']}"
+        for target, source in mounts.items():
+            if argument == target or argument.startswith(target + "/"):
+                return str(source) + argument[len(target) :]
+        return argument
+
+    return [mapped(argument) for argument in argv]
+
+
 def _start_chroma(host: Host, service: dict[str, Any]) -> dict[str, Any]:
     workdir = host.root / "chroma"
     workdir.mkdir(exist_ok=True)
     (workdir / "config.yaml").write_text(IMAGE_CONFIG)
+    data = str(_mounts(host, service)["/data"])
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CHROMA_", "OTEL_"))}
     env |= {
-        "CHROMA_PERSIST_PATH": str(_mounts(host, service)["/data"]),
+        "CHROMA_PERSIST_PATH": data,
+        # Where a start script in the container finds /data (the image leaves it unset).
+        "CHROMA_DATA_DIR": data,
         "CHROMA_PORT": str(host.config["chroma_port"]),
         "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
         "ANONYMIZED_TELEMETRY": "False",
         **_environment(service),
     }
-    pid = _spawn([host.config["chroma"], "run", str(workdir / "config.yaml")], env, workdir / "chroma.log")
+    pid = _spawn(_argv(host, service, workdir), env, workdir / "chroma.log")
+    return {"pid": pid, "image": service["image"], "spec": _spec(service)}
+
+
+def _start_helper(host: Host, service: dict[str, Any]) -> dict[str, Any]:
+    """A service beside Chroma with its own command (such as a data guard), run as that command."""
+    workdir = host.root / "helper"
+    workdir.mkdir(exist_ok=True)
+    env = {**os.environ, **_environment(service)}
+    pid = _spawn(_argv(host, service, workdir), env, workdir / "helper.log")
     return {"pid": pid, "image": service["image"], "spec": _spec(service)}
 
 
@@ -170,10 +219,12 @@ def compose_up(host: Host, compose_file: Path, wait_timeout: float) -> int:
     """`docker compose up --detach --wait`: recreate what changed, then wait for health."""
     services = yaml.safe_load(compose_file.read_text())["services"]
     starters = {"chroma": _start_chroma, "proxy": _start_proxy}
-    unknown = set(services) - set(starters)
-    if unknown:
-        raise SystemExit(f"day2_host: no stand-in for compose services {sorted(unknown)}")
-    for name in ("chroma", "proxy"):
+    for name, service in services.items():
+        if name not in starters and "command" not in service:
+            raise SystemExit(f"day2_host: no stand-in for the compose service {name}")
+    # Helpers first: a start script in Chroma's container may wait for one of them.
+    order = [name for name in services if name not in starters] + ["chroma", "proxy"]
+    for name in order:
         service = services[name]
         running = host.state["services"].get(name)
         if host.alive(name) and running and running["spec"] == _spec(service):
@@ -183,7 +234,7 @@ def compose_up(host: Host, compose_file: Path, wait_timeout: float) -> int:
             return 1
         if running:
             _stop(running["pid"])
-        host.state["services"][name] = starters[name](host, service)
+        host.state["services"][name] = starters.get(name, _start_helper)(host, service)
         host.save()
     deadline = time.monotonic() + wait_timeout
     for name in ("chroma", "proxy"):

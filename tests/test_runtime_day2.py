@@ -150,6 +150,9 @@ class Prober(threading.Thread):
         """Requests that got no answer from the proxy's rules: an error, or a 5xx from a missing upstream."""
         return [r for r in self.results if not (isinstance(r.outcome, int) and r.outcome < 500)]
 
+    def per_second(self) -> float:
+        return len(self.results) / (self.results[-1].end - self.results[0].start)
+
     def failed(self) -> list[Result]:
         return [r for r in self.results if r.outcome != 200]
 
@@ -291,6 +294,7 @@ def test_token_rotation_is_a_reload_that_drops_no_request(deployment):
         "token rotation (authToken)",
         apply_seconds=round(seconds, 2),
         requests=requests,
+        requests_per_second_per_client=round(old.per_second()),
         dropped=len(old.dropped()) + len(new.dropped()),
         chroma_restarted=False,
         proxy_restarted=False,
@@ -344,6 +348,7 @@ def test_otel_change_restarts_only_chroma_and_its_spans_arrive(deployment):
         "OTel change (otelEndpoint)",
         apply_seconds=round(seconds, 2),
         requests=len(prober.results),
+        requests_per_second=round(prober.per_second()),
         failed=len(prober.failed()),
         chroma_down_seconds=round(down, 2),
         proxy_restarted=False,
@@ -371,6 +376,7 @@ def test_version_change_pulls_then_replaces_chroma_and_reports_it(deployment):
         "version change (chromaVersion)",
         apply_seconds=round(seconds, 2),
         requests=len(prober.results),
+        requests_per_second=round(prober.per_second()),
         failed=len(prober.failed()),
         chroma_down_seconds=round(prober.down_seconds(), 2),
         proxy_restarted=False,
@@ -430,3 +436,39 @@ def test_heartbeat_is_open_through_the_reloaded_proxy(deployment):
     trusted = ssl.create_default_context(cafile=str(deployment.local_ca))
     with httpx.Client(base_url=deployment.base_url, verify=trusted) as client:
         assert client.get(HEARTBEAT_PATH).status_code == 200
+
+
+def bootstrap_apply_script(tmp_path: Path) -> Path:
+    script = tmp_path / "chroma-apply"
+    script.write_text(cloud_config.write_files(cloud_config.render_cloud_config())[cloud_config.APPLY_SCRIPT])
+    script.chmod(0o755)
+    return script
+
+
+def test_a_missing_parameter_is_named_and_nothing_runs(tmp_path):
+    command = runtime_config.run_command_for(
+        runtime_config.RuntimeFiles(caddyfile="x", compose="y"), pinned_chroma_version()
+    )
+    env = {**command.environment(), runtime_config.CADDYFILE_PARAMETER: "", "PATH": "/usr/bin:/bin"}
+    env["CHROMA_CONFIG_DIR"] = str(tmp_path / "etc")
+    result = subprocess.run([bootstrap_apply_script(tmp_path)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "CHROMA_CADDYFILE_B64 is empty" in result.stdout
+    assert not (tmp_path / "etc").exists()
+
+
+def test_it_waits_for_cloud_init_and_gives_up_after_the_bound(tmp_path):
+    command = runtime_config.run_command_for(
+        runtime_config.RuntimeFiles(caddyfile="x", compose="y"), pinned_chroma_version()
+    )
+    env = {
+        **command.environment(),
+        "PATH": "/usr/bin:/bin",
+        "CHROMA_CONFIG_DIR": str(tmp_path / "etc"),
+        "CHROMA_BOOT_FINISHED": str(tmp_path / "boot-finished"),
+        "CHROMA_BOOT_WAIT_SECONDS": "0",
+    }
+    result = subprocess.run([bootstrap_apply_script(tmp_path)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "cloud-init has not finished within 0s" in result.stdout
+    assert not (tmp_path / "etc").exists(), "nothing is written before the bootstrap is done"
