@@ -180,10 +180,22 @@ def deployment(tmp_path_factory):
     )
     for folder in ("etc-chroma", "srv-chroma/data", "srv-chroma/caddy"):
         (root / folder).mkdir(parents=True)
+    # What the bootstrap installs under /usr/local (chroma-apply, and any script a container mounts),
+    # the very bytes of the VM's cloud-config.
+    for path, content in cloud_config.write_files(cloud_config.render_cloud_config()).items():
+        if path.startswith("/usr/local/"):
+            installed = root / "usr-local" / path.removeprefix("/usr/local/")
+            installed.parent.mkdir(parents=True, exist_ok=True)
+            installed.write_text(content)
+            installed.chmod(0o755)
     (root / "host.json").write_text(
         json.dumps(
             {
-                "paths": {"/etc/chroma": str(root / "etc-chroma"), "/srv/chroma": str(root / "srv-chroma")},
+                "paths": {
+                    "/etc/chroma": str(root / "etc-chroma"),
+                    "/srv/chroma": str(root / "srv-chroma"),
+                    "/usr/local": str(root / "usr-local"),
+                },
                 "chroma_port": chroma_port,
                 "proxy_health_port": site.health_port,
                 "chroma": str(CHROMA),
@@ -198,10 +210,7 @@ def deployment(tmp_path_factory):
     )
     (root / "boot-finished").touch()
     day2_host.install(root / "bin")
-    # The very bytes the VM's cloud-config writes to /usr/local/sbin/chroma-apply.
-    apply_script = root / "chroma-apply"
-    apply_script.write_text(cloud_config.write_files(cloud_config.render_cloud_config())[cloud_config.APPLY_SCRIPT])
-    apply_script.chmod(0o755)
+    apply_script = root / "usr-local" / cloud_config.APPLY_SCRIPT.removeprefix("/usr/local/")
     env = {
         "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
         day2_host.STATE_VARIABLE: str(root),
