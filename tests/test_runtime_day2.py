@@ -25,6 +25,7 @@ from pathlib import Path
 import day2_host
 import httpx
 import pytest
+import yaml
 from live import CHROMA, caddy_binary, loopback_tls_site, otlp_sink, port_open, tls_handshake, wait_until
 from vm_fixtures import ACME_EMAIL, pinned_chroma_version
 
@@ -170,6 +171,11 @@ def record(change: str, **numbers) -> None:
     measurements[change] = numbers
 
 
+def compose_images() -> list[str]:
+    compose = yaml.safe_load(cloud_config.render_compose(pinned_chroma_version(), None))
+    return [service["image"] for service in compose["services"].values()]
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """A first apply on a fresh stand-in VM: chroma-apply starts chroma.service, with data in it."""
@@ -200,11 +206,8 @@ def deployment(tmp_path_factory):
                 "proxy_health_port": site.health_port,
                 "chroma": str(CHROMA),
                 "caddy": caddy_binary(),
-                "registry": [
-                    runtime.chroma_image(pinned_chroma_version()),
-                    runtime.chroma_image(UPGRADE_VERSION),
-                    runtime.CADDY_IMAGE,
-                ],
+                # Every image the compose file names, and the tag of the version change.
+                "registry": [*compose_images(), runtime.chroma_image(UPGRADE_VERSION)],
             }
         )
     )
