@@ -141,15 +141,15 @@ def adapted(caddyfile: str, tmp_path: Path) -> dict:
 
 def test_without_acme_email_caddy_uses_only_issuers_that_need_none(tmp_path):
     """Caddy's default issuers are Let's Encrypt and ZeroSSL; ZeroSSL fails every attempt without an email."""
-    rendered = cloud_config.render_cloud_config(
-        fqdn=FQDN,
+    rendered = runtime_config.render_runtime_files(
+        site=runtime_config.vm_site(FQDN),
         chroma_version=pinned_chroma_version(),
         auth_header=AUTHORIZATION,
         token=TOKEN,
         otel=None,
         acme_email=None,
     )
-    config = adapted(cloud_config.write_files(rendered)[cloud_config.CADDYFILE], tmp_path)
+    config = adapted(rendered.caddyfile, tmp_path)
     policies = config["apps"]["tls"]["automation"]["policies"]
     issuers = [issuer for policy in policies for issuer in policy.get("issuers", [])]
     assert policies
