@@ -12,11 +12,13 @@ The measurements go to build/day2-report.json; README's "Change a running deploy
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import day2_host
 import httpx
 import pytest
 import yaml
-from live import CHROMA, caddy_binary, loopback_tls_site, otlp_sink, port_open, tls_handshake, wait_until
+from live import CHROMA, caddy_binary, free_port, loopback_tls_site, otlp_sink, port_open, tls_handshake, wait_until
 from vm_fixtures import ACME_EMAIL, pinned_chroma_version
 
 from components import cloud_config, runtime, runtime_config
@@ -180,7 +182,7 @@ def compose_images() -> list[str]:
 def deployment(tmp_path_factory):
     """A first apply on a fresh stand-in VM: chroma-apply starts chroma.service, with data in it."""
     root = tmp_path_factory.mktemp("day2")
-    chroma_port = __import__("live").free_port()
+    chroma_port = free_port()
     site = dataclasses.replace(
         loopback_tls_site(f"127.0.0.1:{chroma_port}"), admin_socket=str(root / "caddy-admin.sock")
     )
@@ -411,7 +413,7 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
     chroma_pid = deployment.pid("chroma")
     good = deployment.command()
     broken_compose = good.protected_parameters[runtime_config.COMPOSE_PARAMETER]
-    compose = __import__("base64").b64decode(broken_compose).decode()
+    compose = base64.b64decode(broken_compose).decode()
     compose = compose.replace("    environment: {}\n", "    environment:\n      CHROMA_OPEN_TELEMETRY__ENDPOINT: ''\n")
     assert "CHROMA_OPEN_TELEMETRY__ENDPOINT: ''" in compose
     broken = runtime_config.RunCommand(
@@ -419,7 +421,7 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
         parameters=good.parameters,
         protected_parameters={
             **good.protected_parameters,
-            runtime_config.COMPOSE_PARAMETER: __import__("base64").b64encode(compose.encode()).decode(),
+            runtime_config.COMPOSE_PARAMETER: base64.b64encode(compose.encode()).decode(),
         },
     )
     started = time.monotonic()
@@ -431,7 +433,7 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
     assert deployment.pid("chroma") != chroma_pid
     assert count(deployment) == 2, "the previous Chroma serves the data again"
     assert (deployment.config_dir / "compose.yaml").read_text() == (
-        __import__("base64").b64decode(good.protected_parameters[runtime_config.COMPOSE_PARAMETER]).decode()
+        base64.b64decode(good.protected_parameters[runtime_config.COMPOSE_PARAMETER]).decode()
     )
     record("failed change, rolled back", apply_seconds=round(seconds, 2))
 
@@ -484,3 +486,17 @@ def test_it_waits_for_cloud_init_and_gives_up_after_the_bound(tmp_path):
     assert result.returncode == 1
     assert "cloud-init has not finished within 0s" in result.stdout
     assert not (tmp_path / "etc").exists(), "nothing is written before the bootstrap is done"
+
+
+def test_the_guest_script_hands_the_script_every_parameter_byte_for_byte(tmp_path):
+    """What the VM tier feeds to `sh -s` in a guest: the same environment Azure's agent gives."""
+    files = runtime_config.RuntimeFiles(caddyfile="a 'quoted' $HOME `x`\n\ttab\n", compose='b: "$$x"\n')
+    command = runtime_config.run_command_for(files, pinned_chroma_version())
+    dump = tmp_path / "dump-environment"
+    dump.write_text(f"#!{sys.executable}\nimport json, os\nprint(json.dumps(dict(os.environ)))\n")
+    dump.chmod(0o755)
+    script = runtime_config.as_guest_script(command).replace(cloud_config.APPLY_SCRIPT, str(dump))
+    result = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, check=True, env={})
+    seen = json.loads(result.stdout)
+    assert {name: seen[name] for name in command.environment()} == command.environment()
+    assert base64.b64decode(seen[runtime_config.CADDYFILE_PARAMETER]).decode() == files.caddyfile
