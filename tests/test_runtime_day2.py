@@ -438,6 +438,24 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
     record("failed change, rolled back", apply_seconds=round(seconds, 2))
 
 
+def test_a_proxy_config_caddy_refuses_leaves_the_running_one_in_force(deployment):
+    good = deployment.command()
+    caddyfile_before = (deployment.config_dir / "proxy" / "Caddyfile").read_text()
+    broken = runtime_config.RunCommand(
+        script=good.script,
+        parameters=good.parameters,
+        protected_parameters={
+            **good.protected_parameters,
+            runtime_config.CADDYFILE_PARAMETER: base64.b64encode(b"{\n\tno_such_global_option\n}\n").decode(),
+        },
+    )
+    result = deployment.apply(broken)
+    assert result.returncode == 1
+    assert "Caddy refused the new proxy config; the previous one stays in force" in result.stdout
+    assert (deployment.config_dir / "proxy" / "Caddyfile").read_text() == caddyfile_before
+    assert count(deployment) == 2, "the running proxy still checks the current token"
+
+
 def test_the_same_input_again_touches_nothing(deployment):
     pids = (deployment.pid("chroma"), deployment.pid("proxy"))
     result = deployment.apply(deployment.command())
