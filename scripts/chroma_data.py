@@ -514,14 +514,16 @@ def after_start(data_dir: Path, endpoint: Endpoint, sample: int) -> int:
     return EXIT_REPAIRABLE if log_kept(data_dir) else EXIT_BROKEN
 
 
-def wait_for_heartbeat(endpoint: Endpoint, timeout: float) -> bool:
-    """Whether Chroma answered its heartbeat within `timeout` seconds."""
+def wait_for_heartbeat(endpoint: Endpoint, timeout: float, superseded: Path | None = None) -> bool:
+    """Whether Chroma answered its heartbeat within `timeout` seconds (False once `superseded` exists)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             endpoint.call("GET", "/api/v2/heartbeat")
             return True
         except (urllib.error.URLError, OSError, ValueError):
+            if superseded is not None and superseded.exists():
+                return False
             time.sleep(0.2)
     return False
 
@@ -536,8 +538,13 @@ def guard_once(data_dir: Path, endpoint: Endpoint, sample: int) -> None:
         log(f"guard: before-start failed ({error}); letting Chroma start to report it")
     _write_durably(data_dir / START_APPROVED, request)
     (data_dir / START_REQUEST).unlink(missing_ok=True)
-    if not wait_for_heartbeat(endpoint, HEARTBEAT_TIMEOUT_SECONDS):
-        log(f"guard: Chroma did not answer within {HEARTBEAT_TIMEOUT_SECONDS}s of its approval")
+    # A start that dies before it answers (a bad version or setting) is followed by another: a Docker
+    # restart, or chroma-apply's rollback. That one is answered now, not after the full wait.
+    if not wait_for_heartbeat(endpoint, HEARTBEAT_TIMEOUT_SECONDS, superseded=data_dir / START_REQUEST):
+        if (data_dir / START_REQUEST).exists():
+            log(f"guard: start {request} never answered, and a newer start asks; answering that one")
+        else:
+            log(f"guard: Chroma did not answer within {HEARTBEAT_TIMEOUT_SECONDS}s of its approval")
         return
     try:
         code = after_start(data_dir, endpoint, sample)

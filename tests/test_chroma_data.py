@@ -384,6 +384,25 @@ def test_before_start_keeps_the_log_only_after_deciding_on_a_repair(tmp_path):
         server.stop()
 
 
+def test_a_start_that_dies_before_answering_does_not_hold_up_the_next(tmp_path):
+    """A bad version or setting, then Docker's restart or chroma-apply's rollback: the next start goes ahead."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    port = free_port()
+    guard_log = tmp_path / "guard.log"
+    with guard(data_dir, f"http://{LOOPBACK}:{port}", guard_log):
+        # A real failure: an empty OTel endpoint makes Chroma panic at start (chroma #4609).
+        broken = start_container(data_dir, tmp_path / "c1", port, {"CHROMA_OPEN_TELEMETRY__ENDPOINT": ""})
+        assert broken.wait(timeout=90) != 0
+        started = time.monotonic()
+        container = start_container(data_dir, tmp_path / "c2", port)
+        wait_until(lambda: ready(data_dir), 60, "the guard's ready file for the start after a failed one", container)
+        assert time.monotonic() - started < chroma_data.HEARTBEAT_TIMEOUT_SECONDS / 5
+        assert "never answered, and a newer start asks" in guard_log.read_text()
+        os.killpg(container.pid, signal.SIGTERM)
+        container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS)
+
+
 def chroma_data_server(data_dir: Path, port: int, process: subprocess.Popen) -> Server:
     return Server(data_dir, port, process)
 
