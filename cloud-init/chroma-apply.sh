@@ -6,8 +6,9 @@
 #   - compose file changed (OTel settings: Chroma's environment; chromaVersion: its image): pull a
 #     new image first, while the old container still serves, then `docker compose up`, which
 #     recreates only the services whose definition changed (Chroma alone, for these keys). Chroma
-#     starts through its container's entrypoint, the same start path as at boot. If it is not
-#     healthy within the bound, the previous compose file is put back and started again.
+#     stops with SIGTERM and starts through its container's entrypoint (chroma-start.sh, which waits
+#     for the data guard's check), as at boot. If it is not healthy within the bound, the previous
+#     compose file is put back and started again.
 #   - nothing changed: nothing is touched. Azure may run the command again (see below).
 #   - Chroma not running yet (the VM's first run): both files go in and chroma.service starts.
 # It reports the image that runs, and fails if that is not the one asked for.
