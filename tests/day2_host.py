@@ -138,12 +138,13 @@ def _argv(host: Host, service: dict[str, Any], workdir: Path) -> list[str]:
         "python3": sys.executable,
         "/config.yaml": str(workdir / "config.yaml"),
     }
-    chroma_url = f"http://chroma:{CHROMA_CONTAINER_PORT}"
+    # Chroma by its service name, or on the loopback of a namespace it shares: its port here.
+    chroma_urls = {f"http://{name}:{CHROMA_CONTAINER_PORT}" for name in ("chroma", "127.0.0.1", "localhost")}
 
     def mapped(argument: str) -> str:
         if argument in programs:
             return programs[argument]
-        if argument == chroma_url:
+        if argument in chroma_urls:
             return f"http://127.0.0.1:{host.config['chroma_port']}"
         for target, source in mounts.items():
             if argument == target or argument.startswith(target + "/"):
@@ -160,13 +161,14 @@ def _start_chroma(host: Host, service: dict[str, Any]) -> dict[str, Any]:
     data = str(_mounts(host, service)["/data"])
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CHROMA_", "OTEL_"))}
     env |= {
+        "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
+        "ANONYMIZED_TELEMETRY": "False",
+        **_environment(service),
+        # The stand-in's mount and port mapping win over the service's own values, as Docker's would.
         "CHROMA_PERSIST_PATH": data,
         # Where a start script in the container finds /data (the image leaves it unset).
         "CHROMA_DATA_DIR": data,
         "CHROMA_PORT": str(host.config["chroma_port"]),
-        "CHROMA_LISTEN_ADDRESS": "127.0.0.1",
-        "ANONYMIZED_TELEMETRY": "False",
-        **_environment(service),
     }
     pid = _spawn(_argv(host, service, workdir), env, workdir / "chroma.log")
     return {"pid": pid, "image": service["image"], "spec": _spec(service)}

@@ -435,10 +435,12 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
     """A real failure: an empty OTel endpoint makes chroma run panic at start (chroma #4609)."""
     chroma_pid = deployment.pid("chroma")
     good = deployment.command()
-    broken_compose = good.protected_parameters[runtime_config.COMPOSE_PARAMETER]
-    compose = base64.b64decode(broken_compose).decode()
-    compose = compose.replace("    environment: {}\n", "    environment:\n      CHROMA_OPEN_TELEMETRY__ENDPOINT: ''\n")
-    assert "CHROMA_OPEN_TELEMETRY__ENDPOINT: ''" in compose
+    document = yaml.safe_load(base64.b64decode(good.protected_parameters[runtime_config.COMPOSE_PARAMETER]))
+    document["services"]["chroma"]["environment"] = {
+        **(document["services"]["chroma"].get("environment") or {}),
+        "CHROMA_OPEN_TELEMETRY__ENDPOINT": "",
+    }
+    compose = yaml.safe_dump(document, sort_keys=False)
     broken = runtime_config.RunCommand(
         script=good.script,
         parameters=good.parameters,
