@@ -92,6 +92,12 @@ def _stop(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _spawn(command: list[str], env: dict[str, str], log: Path) -> int:
     with log.open("a") as handle:
         process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,6 +175,8 @@ def _start_chroma(host: Host, service: dict[str, Any]) -> dict[str, Any]:
         # Where a start script in the container finds /data (the image leaves it unset).
         "CHROMA_DATA_DIR": data,
         "CHROMA_PORT": str(host.config["chroma_port"]),
+        # A start script's private first-start port: free on the container's own loopback, not here.
+        "CHROMA_BOOTSTRAP_PORT": str(_free_port()),
     }
     pid = _spawn(_argv(host, service, workdir), env, workdir / "chroma.log")
     return {"pid": pid, "image": service["image"], "spec": _spec(service)}

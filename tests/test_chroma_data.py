@@ -391,12 +391,20 @@ def test_a_start_that_dies_before_answering_does_not_hold_up_the_next(tmp_path):
     port = free_port()
     guard_log = tmp_path / "guard.log"
     with guard(data_dir, f"http://{LOOPBACK}:{port}", guard_log):
+        # A running deployment, stopped cleanly, as a version or setting change stops it.
+        container = start_container(data_dir, tmp_path / "c0", port)
+        wait_until(lambda: ready(data_dir), 90, "the guard's ready file on a first start", container)
+        os.killpg(container.pid, signal.SIGTERM)
+        assert container.wait(timeout=runtime.CHROMA_STOP_GRACE_SECONDS) == 0
+        previous = ready_text(data_dir)
         # A real failure: an empty OTel endpoint makes Chroma panic at start (chroma #4609).
         broken = start_container(data_dir, tmp_path / "c1", port, {"CHROMA_OPEN_TELEMETRY__ENDPOINT": ""})
         assert broken.wait(timeout=90) != 0
         started = time.monotonic()
         container = start_container(data_dir, tmp_path / "c2", port)
-        wait_until(lambda: ready(data_dir), 60, "the guard's ready file for the start after a failed one", container)
+        wait_until(
+            lambda: ready(data_dir, previous), 60, "the guard's ready file for the start after a failed one", container
+        )
         assert time.monotonic() - started < chroma_data.HEARTBEAT_TIMEOUT_SECONDS / 5
         assert "never answered, and a newer start asks" in guard_log.read_text()
         os.killpg(container.pid, signal.SIGTERM)
