@@ -67,6 +67,15 @@ def write_some(data_dir: Path, workdir: Path, seconds: float, keep_log: bool = T
     return ledger
 
 
+def assert_whole(data_dir: Path, workdir: Path, ledger: Ledger) -> None:
+    """A fresh server on the data serves every acknowledged write exactly."""
+    server = start_server(data_dir, workdir)
+    try:
+        assert check_server(server, ledger) == []
+    finally:
+        server.stop()
+
+
 def vector_folders(data_dir: Path) -> list[Path]:
     return sorted(path for path in data_dir.iterdir() if path.is_dir() and path.name != chroma_data.MOVED_ASIDE_DIR)
 
@@ -152,11 +161,7 @@ def test_repair_moves_only_the_broken_index_aside_and_chroma_rebuilds_it_whole(t
     assert len(moved) == 1
     assert (moved[0] / "data_level0.bin").exists(), "moved, never deleted"
     assert moved[0].stat().st_dev == data_dir.stat().st_dev
-    server = start_server(data_dir, tmp_path / "after")
-    try:
-        assert check_server(server, ledger) == []
-    finally:
-        server.stop()
+    assert_whole(data_dir, tmp_path / "after", ledger)
 
 
 def test_repair_finds_an_index_older_than_sqlite_the_case_that_fails_silently(tmp_path):
@@ -377,11 +382,7 @@ def test_before_start_keeps_the_log_only_after_deciding_on_a_repair(tmp_path):
     chroma_data.before_start(data_dir)  # no clean-shutdown marker: this start counts as unclean
     assert not (data_dir / chroma_data.MOVED_ASIDE_DIR).exists(), "a repair without the log would lose vectors"
     assert purge_flag(data_dir) is False
-    server = start_server(data_dir, tmp_path / "r")
-    try:
-        assert check_server(server, ledger) == []
-    finally:
-        server.stop()
+    assert_whole(data_dir, tmp_path / "r", ledger)
 
 
 def test_a_start_that_dies_before_answering_does_not_hold_up_the_next(tmp_path):
