@@ -41,6 +41,8 @@ UNIT_FILES = ("chroma-data-disk.service", "srv-chroma.mount", "chroma.service")
 # `systemd-escape --path --suffix=device /dev/disk/by-label/chroma-data`: the mount's device.
 DATA_DEVICE_UNIT = r"dev-disk-by\x2dlabel-chroma\x2ddata.device"
 DEVICE_TIMEOUT_DROP_IN = f"{UNIT_DIR}/{DATA_DEVICE_UNIT}.d/timeout.conf"
+# Starts chroma.service when the data disk appears; sorts after Azure's own disk-link rules.
+DATA_DISK_UDEV_RULE = "/etc/udev/rules.d/90-chroma-data-disk.rules"
 # Azure refuses custom data over this many bytes of base64.
 MAX_CUSTOM_DATA_BYTES = 65535
 
@@ -185,6 +187,9 @@ def render_cloud_config() -> str:
             (TEMPLATE_DIR / "chroma-data-device-timeout.conf").read_text(encoding="utf-8"),
             "0644",
         )
+    )
+    files.append(
+        _file(DATA_DISK_UDEV_RULE, (TEMPLATE_DIR / "chroma-data-disk.rules").read_text(encoding="utf-8"), "0644")
     )
     document = {**base, "write_files": files}
     return "#cloud-config\n" + yaml.dump(document, Dumper=_LiteralDumper, sort_keys=False, width=1000)

@@ -119,7 +119,7 @@ def test_vm_is_ubuntu_2404_key_only_and_replaced_when_custom_data_changes(dev_ru
 def test_custom_data_is_the_bootstrap_only_and_the_run_command_carries_the_proxy_config(dev_run):
     assert vm_cloud_config(dev_run) == cloud_config.render_cloud_config()
     document = yaml.safe_load(vm_cloud_config(dev_run))
-    assert document["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
+    assert document["runcmd"][-1] == ["udevadm", "trigger", "--subsystem-match=block", "--action=add"]
     assert MOCK_TOKEN not in vm_cloud_config(dev_run), "custom data is not for secrets"
     caddyfile = vm_runtime_files(dev_run)[cloud_config.CADDYFILE]
     assert f"\n{dev_run.outputs['fqdn']} {{" in caddyfile

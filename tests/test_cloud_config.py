@@ -77,8 +77,14 @@ def test_docker_comes_from_ubuntu_packages_not_a_piped_script(rendered):
     assert "|sh" not in rendered
 
 
-def test_runcmd_only_starts_the_unit(rendered):
-    assert yaml.safe_load(rendered)["runcmd"][-1] == ["systemctl", "enable", "--now", "chroma.service"]
+def test_runcmd_only_enables_the_disk_check_and_re_runs_udev(rendered):
+    """Chroma is started by the data disk's udev rule; runcmd blocks on nothing (no --now without --no-block)."""
+    assert yaml.safe_load(rendered)["runcmd"] == [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", "--no-block", "chroma-data-disk.service"],
+        ["udevadm", "control", "--reload"],
+        ["udevadm", "trigger", "--subsystem-match=block", "--action=add"],
+    ]
 
 
 def test_scripts_are_executable_and_no_runtime_file_is_in_the_bootstrap(rendered):

@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from vm_fixtures import unit, unit_environment, unit_settings, vm_files
 
 from components import cloud_config
@@ -36,6 +37,10 @@ LABEL_DEVICE = cloud_config.DATA_DEVICE_UNIT
 UNITS = cloud_config.UNIT_FILES
 DOCKER_STUB = "#!/bin/sh\n# Stands in for docker.io's client; systemd-analyze verify never runs it.\nexit 1\n"
 DOCKER_UNIT_STUB = "[Unit]\nDescription=Stands in for docker.io's unit\n[Service]\nExecStart=/usr/bin/docker\n"
+
+
+def rendered_cloud_config() -> str:
+    return cloud_config.render_cloud_config()
 
 
 def systemd_analyze() -> str:
@@ -164,6 +169,61 @@ def test_a_missing_disk_does_not_hold_back_the_rest_of_the_boot(analysis):
     assert "srv-chroma.mount" in start_jobs(analysis), "chroma.service still pulls the mount in"
 
 
+def enabled_as_runcmd_does(root: Path) -> None:
+    """`systemctl enable` over the root, as the cloud-config's runcmd enables the units at first boot."""
+    for command in yaml.safe_load(rendered_cloud_config())["runcmd"]:
+        if command[:2] == ["systemctl", "enable"]:
+            units = [word for word in command[2:] if not word.startswith("--")]
+            subprocess.run(["systemctl", f"--root={root}", "enable", *units], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def boot_analysis(tmp_path_factory):
+    """multi-user.target's dependencies once runcmd has enabled what it enables."""
+    root = vm_root(tmp_path_factory.mktemp("boot"))
+    enabled_as_runcmd_does(root)
+    result = verify(root, units=("multi-user.target",), debug=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_every_boot_checks_the_disk_but_multi_user_never_waits_for_it(boot_analysis):
+    """Without the disk, multi-user (and cloud-final after it) must not sit out the disk check's wait."""
+    target = dependencies(boot_analysis)["multi-user.target"]
+    assert ("Wants", "chroma-data-disk.service") in target, "the check runs at every boot, to say why in the journal"
+    waits_for = {other for kind, other in target if kind == "After"}
+    assert not {"chroma-data-disk.service", "chroma.service", "srv-chroma.mount", LABEL_DEVICE} & waits_for
+    assert "chroma.service" not in start_jobs(boot_analysis), "the boot itself does not start Chroma"
+
+
+def test_nothing_enables_chroma_into_a_boot_target():
+    """A WantedBy= on chroma.service would order multi-user after it, and so after the disk's wait."""
+    assert "Install" not in unit(vm_files(), "chroma.service")
+
+
+def test_the_disk_appearing_starts_chroma_now_or_later():
+    """The udev rule wants chroma.service from the device at the data disk's LUN, in both of Azure's link forms."""
+    files = vm_files()
+    lun = unit_environment(unit(files, "chroma-data-disk.service"))["DATA_DISK_LUN"]
+    rules = [line for line in files[cloud_config.DATA_DISK_UDEV_RULE].splitlines() if line and not line.startswith("#")]
+    links = {re.search(r'SYMLINK=="([^"]+)"', rule).group(1) for rule in rules}
+    assert links == {f"disk/azure/data/by-lun/{lun}", f"disk/azure/scsi1/lun{lun}"}
+    for rule in rules:
+        assert 'ACTION=="add|change"' in rule
+        assert 'TAG+="systemd"' in rule
+        assert 'ENV{SYSTEMD_WANTS}+="chroma.service"' in rule
+    # Azure's own rules (WALinuxAgent 66-azure-storage, azure-vm-utils 80-azure-disk) make the links first.
+    assert Path(cloud_config.DATA_DISK_UDEV_RULE).name > "80-azure-disk.rules"
+
+
+def test_first_boot_re_runs_the_udev_rules_after_writing_them():
+    """The disk was seen before cloud-init wrote the rule: runcmd reloads the rules and re-triggers block devices."""
+    runcmd = yaml.safe_load(rendered_cloud_config())["runcmd"]
+    reload_at = runcmd.index(["udevadm", "control", "--reload"])
+    trigger_at = runcmd.index(["udevadm", "trigger", "--subsystem-match=block", "--action=add"])
+    assert runcmd.index(["systemctl", "daemon-reload"]) < reload_at < trigger_at
+
+
 def test_the_disk_device_waits_longer_than_the_disk_check(analysis):
     """A device gets 90 s from systemd by default; the disk check may wait longer before it formats."""
     device_dump = analysis.split(f"-> Unit {LABEL_DEVICE}:", 1)[1].split("-> Unit ", 1)[0]
@@ -173,3 +233,9 @@ def test_the_disk_device_waits_longer_than_the_disk_check(analysis):
     timeout = int(unit_settings(vm_files()[cloud_config.DEVICE_TIMEOUT_DROP_IN])["Unit"]["JobRunningTimeoutSec"][0])
     disk_check = unit(vm_files(), "chroma-data-disk.service")
     assert timeout > int(unit_environment(disk_check)["DATA_DISK_WAIT_SECONDS"]) + 60
+
+
+def test_the_disk_starts_chroma_only_once_the_run_command_has_delivered_its_files():
+    """At first boot the rule fires before the run command: chroma.service is skipped, and chroma-apply starts it."""
+    conditions = unit(vm_files(), "chroma.service")["Unit"]["ConditionPathExists"]
+    assert set(conditions) == {cloud_config.COMPOSE_FILE, cloud_config.CADDYFILE}
