@@ -13,8 +13,8 @@ from pathlib import Path
 import acme_server
 import guest_image
 import guest_registry
-import images
 import pytest
+import user_data
 from live import free_port
 from machine import Forwards
 
@@ -87,9 +87,8 @@ def acme(vm_tools, vm_workdir, forwards) -> Iterator[acme_server.Pebble]:
 def images_dir(vm_tools, docker_engine, standin_images) -> Path:
     """The stand-in images (tests/images.py) as tars, for the guest image to preload."""
     started = time.monotonic()
-    path = guest_registry.guest_images_dir(
-        docker_engine, standin_images.images, acme_server.listener_ca()[0], images.chroma_image_name()
-    )
+    needed = guest_registry.compose_images(user_data.rendered())
+    path = guest_registry.guest_images_dir(docker_engine, standin_images.images, acme_server.listener_ca()[0], needed)
     print(f"\nstand-in images ready in {time.monotonic() - started:.0f}s: {path}")
     return path
 

@@ -7,8 +7,10 @@ Caddy trusts the CA of pebble's listener. `differences` proves that nothing else
 from __future__ import annotations
 
 import yaml
+from vm_fixtures import ACME_EMAIL, FQDN, TOKEN, pinned_chroma_version
 
 from components import cloud_config
+from components.runtime import AUTHORIZATION
 
 CADDY_TRUST_PATH = "/etc/ssl/certs/chroma-vm-test-acme-listener.pem"
 
@@ -46,3 +48,25 @@ def differences(original: str, changed: str) -> list[str]:
         found += [f"{path}: -{line.strip()}" for line in old_lines if line not in new_lines]
         found += [f"{path}: +{line.strip()}" for line in new_lines if line not in old_lines]
     return sorted(found)
+
+
+def rendered() -> str:
+    """The project's cloud-config for the test FQDN and token, exactly as the VM component renders it."""
+    return cloud_config.render_cloud_config(
+        fqdn=FQDN,
+        chroma_version=pinned_chroma_version(),
+        auth_header=AUTHORIZATION,
+        token=TOKEN,
+        otel=None,
+        acme_email=ACME_EMAIL,
+    )
+
+
+def for_guest(directory_url: str) -> str:
+    """The guest's user-data: the rendered cloud-config, with only the test's two ACME lines added."""
+    original = rendered()
+    changed = with_test_acme(original, directory_url)
+    expected = sorted(f"{cloud_config.CADDYFILE}: +{line}" for line in acme_lines(directory_url))
+    if differences(original, changed) != expected:
+        raise AssertionError(f"the user-data differs by more than the ACME lines: {differences(original, changed)}")
+    return changed
