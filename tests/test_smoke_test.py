@@ -629,3 +629,17 @@ def test_percentiles_are_nearest_rank() -> None:
     assert smoke_test.percentile(samples, 0.50) == 10.0
     assert smoke_test.percentile(samples, 0.95) == 19.0
     assert smoke_test.percentile([7.0], 0.95) == 7.0
+
+
+def test_resolve_sends_only_that_host_to_the_address() -> None:
+    """--resolve HOST:IP, for a VM behind a port forward before its DNS exists (the VM tier uses it)."""
+    with smoke_test.resolved("chroma.invalid", "127.0.0.1"):
+        assert {info[4][0] for info in socket.getaddrinfo("chroma.invalid", 443, socket.AF_INET)} == {"127.0.0.1"}
+        assert socket.getaddrinfo("localhost", 443, socket.AF_INET)[0][4][0] == "127.0.0.1"
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("chroma.invalid", 443, socket.AF_INET)
+
+
+def test_resolve_without_an_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert smoke_test.main(["--endpoint", "https://chroma.invalid", "--token", "t", "--resolve", "chroma.invalid"]) == 2
+    assert "HOST:IP" in capsys.readouterr().err
