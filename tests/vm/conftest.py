@@ -47,7 +47,7 @@ def vm_tools() -> None:
 
 @pytest.fixture(scope="session")
 def vm_workdir() -> Iterator[Path]:
-    """A scratch folder for the session's disks, seeds and logs; kept when a test failed."""
+    """A scratch folder for the session's disks, seeds, serial logs and pebble; removed at the end."""
     path = Path(tempfile.mkdtemp(prefix="chroma-vm-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)

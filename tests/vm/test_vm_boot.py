@@ -46,9 +46,11 @@ from pathlib import Path
 
 import pytest
 import user_data
+import yaml
 from machine import Forwards, Guest, make_os_disk, make_seed
 from vm_fixtures import FQDN, TOKEN
 
+from components import cloud_config
 from components.runtime import AUTHORIZATION
 from scripts import smoke_test
 
@@ -61,7 +63,6 @@ HEALTHY_TIMEOUT_SECONDS = 900
 NO_DISK_BOOT_MARGIN_SECONDS = 30
 COLLECTION = "vm-tier-persistence"
 RECORDS = 64
-CONTAINERS = ("chroma-chroma-1", "chroma-proxy-1")
 
 
 @dataclass
@@ -129,10 +130,17 @@ def unit_journal(guest: Guest, unit: str) -> str:
 
 
 def assert_containers_healthy(guest: Guest) -> None:
-    states = guest.ssh(
-        "docker inspect --format '{{.Name}} {{.State.Health.Status}}' " + " ".join(CONTAINERS)
-    ).stdout.split()
-    assert states == [item for name in CONTAINERS for item in (f"/{name}", "healthy")], states
+    """Every service of the rendered compose file runs, and each one with a health check is healthy."""
+    compose = yaml.safe_load(cloud_config.write_files(user_data.rendered())[cloud_config.COMPOSE_FILE])
+    names = [f"{compose['name']}-{service}-1" for service in compose["services"]]
+    lines = guest.ssh(
+        "docker inspect --format '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "
+        + " ".join(names)
+    ).stdout.splitlines()
+    for name, line in zip(names, lines, strict=True):
+        service = name.split("-")[1]
+        expected = "healthy" if "healthcheck" in compose["services"][service] else ""
+        assert line.split(" ", 2) == [f"/{name}", "running", expected], line
 
 
 def data_mount(guest: Guest) -> tuple[str, str, str]:
@@ -256,7 +264,7 @@ def test_first_boot_formats_a_blank_disk_and_serves(story, guest, acme, vm_repor
     phases["qemu_start_to_healthy"] = round(time.monotonic() - vm.started_at, 1)
     phases.update(boot_phases(vm))
 
-    assert "is blank; making an ext4 filesystem" in unit_journal(vm, "chroma-data-disk")
+    assert "making an ext4 filesystem labelled chroma-data" in unit_journal(vm, "chroma-data-disk")
     _source, label, story.filesystem_uuid = data_mount(vm)
     assert label == "chroma-data"
     assert_containers_healthy(vm)
