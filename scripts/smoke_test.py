@@ -278,7 +278,9 @@ def resolved(host: str, address: str) -> Iterator[None]:
     original = socket.getaddrinfo
 
     def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
-        return original(address if name == host else name, *args, **kwargs)
+        # The async client (anyio) looks names up as IDNA-encoded bytes.
+        wanted = name.decode("idna") if isinstance(name, bytes) else name
+        return original(address if wanted == host else name, *args, **kwargs)
 
     socket.getaddrinfo = getaddrinfo
     try:

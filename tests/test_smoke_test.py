@@ -635,6 +635,8 @@ def test_resolve_sends_only_that_host_to_the_address() -> None:
     """--resolve HOST:IP, for a VM behind a port forward before its DNS exists (the VM tier uses it)."""
     with smoke_test.resolved("chroma.invalid", "127.0.0.1"):
         assert {info[4][0] for info in socket.getaddrinfo("chroma.invalid", 443, socket.AF_INET)} == {"127.0.0.1"}
+        # As the async client (anyio) asks: the name as IDNA bytes.
+        assert {info[4][0] for info in socket.getaddrinfo(b"chroma.invalid", 443, socket.AF_INET)} == {"127.0.0.1"}
         assert socket.getaddrinfo("localhost", 443, socket.AF_INET)[0][4][0] == "127.0.0.1"
     with pytest.raises(socket.gaierror):
         socket.getaddrinfo("chroma.invalid", 443, socket.AF_INET)
