@@ -87,7 +87,7 @@ def acme(vm_tools, vm_workdir, forwards) -> Iterator[acme_server.Pebble]:
 def images_dir(vm_tools, docker_engine, standin_images) -> Path:
     """The stand-in images (tests/images.py) as tars, for the guest image to preload."""
     started = time.monotonic()
-    needed = guest_registry.compose_images(user_data.rendered())
+    needed = guest_registry.compose_images(user_data.runtime_files().compose)
     path = guest_registry.guest_images_dir(docker_engine, standin_images.images, acme_server.listener_ca()[0], needed)
     print(f"\nstand-in images ready in {time.monotonic() - started:.0f}s: {path}")
     return path

@@ -18,7 +18,7 @@ from engine import Engine
 from guest_image import CACHE_ROOT
 from user_data import CADDY_TRUST_PATH
 
-from components import cloud_config, runtime
+from components import runtime
 
 IMAGES_CACHE = CACHE_ROOT.parent / "vm-images"
 
@@ -27,9 +27,9 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def compose_images(cloud_config_text: str) -> list[str]:
-    """The image of every service in the compose file the cloud-config writes."""
-    compose = yaml.safe_load(cloud_config.write_files(cloud_config_text)[cloud_config.COMPOSE_FILE])
+def compose_images(compose_text: str) -> list[str]:
+    """The image of every service in the compose file the run command delivers."""
+    compose = yaml.safe_load(compose_text)
     return sorted({service["image"] for service in compose["services"].values()})
 
 

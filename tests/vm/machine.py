@@ -157,8 +157,10 @@ class Guest:
             self._qmp = Qmp(self.qmp_path)
         return self._qmp
 
-    def ssh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Runs a shell command in the guest as root."""
+    def ssh(
+        self, command: str, check: bool = True, timeout: float = 120, stdin: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """Runs a shell command in the guest as root, with `stdin` (if given) as its input."""
         result = subprocess.run(
             [
                 "ssh",
@@ -179,6 +181,8 @@ class Guest:
                 "root@127.0.0.1",
                 command,
             ],
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,7 +1,11 @@
 """The VM booted for real: the project's rendered cloud-config in a QEMU (TCG) guest, judged from outside.
 
-Each guest boots the cloud-config that `render_cloud_config` produces, passed as NoCloud user-data,
-and is judged from the host by scripts/smoke_test.py through the forwarded 443. The scenarios run
+Each guest boots the cloud-config that `render_cloud_config` produces (the bootstrap), passed as
+NoCloud user-data. Once cloud-init has finished, the guest gets the runtime config as Azure's agent
+would hand it over: the run command of components/runtime_config.py, run as root over SSH, on a new
+VM only (a first boot or a replacement); a reboot runs nothing, as Azure re-runs the run command
+only when it is re-created, and chroma.service starts from the files the last run left. Each guest
+is judged from the host by scripts/smoke_test.py through the forwarded 443. The scenarios run
 in order and share guests where the story allows: the first guest is rebooted, then replaced by a
 second with a new OS disk and the same data disk; a third boots without a data disk, is shown a
 disk holding another filesystem, and is then given a blank one, all without a reboot.
@@ -21,8 +25,11 @@ Stand-ins for what only Azure has; nothing else differs:
   are there before chroma.service starts and compose pulls nothing. The Caddy stand-in gets one
   more file: the CA of pebble's HTTPS listener.
 - **Let's Encrypt.** Debian's `pebble` on the host, with `pebble-challtestsrv` answering DNS. The
-  guest reaches it at 10.0.2.100:14000 (a QEMU guestfwd). The Caddyfile gains exactly two lines in
-  its global options, `acme_ca` and `acme_ca_root` (tests/vm/user_data.py proves nothing else changed).
+  guest reaches it at 10.0.2.100:14000 (a QEMU guestfwd). The run command's Caddyfile gains exactly
+  two lines in its global options, `acme_ca` and `acme_ca_root` (tests/vm/user_data.py proves
+  nothing else changed).
+- **Run command agent.** The script `as_guest_script` renders (the parameters as environment
+  variables, then the run command's script), piped to `sh -s` over SSH.
 - **Network.** QEMU user networking with `restrict=on`: the guest reaches nothing but pebble; the host
   reaches the guest's 22, 80 and 443 through loopback forwards. The smoke test resolves the FQDN to
   127.0.0.1 with `--resolve`.
@@ -48,9 +55,9 @@ import pytest
 import user_data
 import yaml
 from machine import Forwards, Guest, make_os_disk, make_seed
-from vm_fixtures import FQDN, TOKEN
+from vm_fixtures import FQDN, TOKEN, pinned_chroma_version
 
-from components import cloud_config
+from components import cloud_config, runtime
 from components.runtime import AUTHORIZATION
 from scripts import smoke_test
 
@@ -59,6 +66,7 @@ SMOKE_TEST = ROOT / "scripts" / "smoke_test.py"
 DATA_DISK_SIZE = "2G"
 BOOT_TIMEOUT_SECONDS = 900
 HEALTHY_TIMEOUT_SECONDS = 900
+RUN_COMMAND_TIMEOUT_SECONDS = 900
 # A missing disk may cost a boot this much more than a reboot with the disk (issue 18, item 6).
 NO_DISK_BOOT_MARGIN_SECONDS = 30
 COLLECTION = "vm-tier-persistence"
@@ -90,7 +98,7 @@ def new_vm(story: Story, name: str, acme, guest_image, data_disk: Path | None) -
     workdir.mkdir()
     os_disk, seed = workdir / "os.qcow2", workdir / "seed.img"
     make_os_disk(os_disk, guest_image)
-    make_seed(seed, user_data.for_guest(acme.directory_url), f"iid-{uuid.uuid4()}", "chroma-vm")
+    make_seed(seed, user_data.rendered(), f"iid-{uuid.uuid4()}", "chroma-vm")
     guest = Guest(guest_image, workdir, story.forwards)
     guest.start(os_disk, seed, data_disk)
     print(f"\n{name}: QEMU started (serial log {guest.serial_log})", flush=True)
@@ -101,6 +109,30 @@ def wait_for_cloud_init(guest: Guest) -> dict:
     """cloud-init's status once it has finished, as JSON."""
     guest.ssh("cloud-init status --wait >/dev/null || true", timeout=BOOT_TIMEOUT_SECONDS)
     return json.loads(guest.ssh("cloud-init status --format json", check=False).stdout)
+
+
+def run_the_run_command(guest: Guest, acme) -> float:
+    """Runs the run command in the guest as Azure's agent would, secrets on stdin; its seconds."""
+    started = time.monotonic()
+    result = guest.ssh(
+        "sh -s",
+        check=False,
+        timeout=RUN_COMMAND_TIMEOUT_SECONDS,
+        stdin=user_data.run_command_script(acme.directory_url),
+    )
+    assert result.returncode == 0, f"the run command failed:\n{result.stdout}\n{result.stderr}"
+    assert f"chroma-apply: running {runtime.chroma_image(pinned_chroma_version())}" in result.stdout, result.stdout
+    assert TOKEN not in result.stdout + result.stderr, "the run command printed the token"
+    return round(time.monotonic() - started, 1)
+
+
+def start_the_run_command(guest: Guest, acme) -> None:
+    """Starts the run command in the guest and returns at once: with no data disk, its start of Chroma waits."""
+    guest.ssh(
+        "umask 077 && cat >/run/chroma-run-command.sh"
+        " && systemd-run --quiet --unit=chroma-run-command sh /run/chroma-run-command.sh",
+        stdin=user_data.run_command_script(acme.directory_url),
+    )
 
 
 def wait_for_chroma(guest: Guest, timeout: float = HEALTHY_TIMEOUT_SECONDS) -> None:
@@ -131,7 +163,7 @@ def unit_journal(guest: Guest, unit: str) -> str:
 
 def assert_containers_healthy(guest: Guest) -> None:
     """Every service of the rendered compose file runs, and each one with a health check is healthy."""
-    compose = yaml.safe_load(cloud_config.write_files(user_data.rendered())[cloud_config.COMPOSE_FILE])
+    compose = yaml.safe_load(user_data.runtime_files().compose)
     names = [f"{compose['name']}-{service}-1" for service in compose["services"]]
     lines = guest.ssh(
         "docker inspect --format '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "
@@ -260,6 +292,8 @@ def test_first_boot_formats_a_blank_disk_and_serves(story, guest, acme, vm_repor
     status = wait_for_cloud_init(vm)
     assert status["status"] == "done", status
     assert status["errors"] == [], status["errors"]
+    assert vm.monotonic_seconds("chroma.service", "ExecMainStartTimestampMonotonic") is None, "no config yet, no start"
+    phases["run_command"] = run_the_run_command(vm, acme)
     wait_for_chroma(vm)
     phases["qemu_start_to_healthy"] = round(time.monotonic() - vm.started_at, 1)
     phases.update(boot_phases(vm))
@@ -282,9 +316,11 @@ def test_reboot_keeps_the_data_and_starts_chroma_by_itself(story, acme, vm_repor
     vm = story.guest
     assert vm is not None, "needs the first boot's guest"
     phases = vm_report.phases("reboot")
+    files_before = vm.ssh(f"sha256sum {cloud_config.CADDYFILE} {cloud_config.COMPOSE_FILE}").stdout
     started = time.monotonic()
     vm.reboot(BOOT_TIMEOUT_SECONDS)
-    wait_for_chroma(vm)
+    wait_for_chroma(vm)  # no run command: the files of the last run start it
+    assert vm.ssh(f"sha256sum {cloud_config.CADDYFILE} {cloud_config.COMPOSE_FILE}").stdout == files_before
     phases["reboot_to_healthy"] = round(time.monotonic() - started, 1)
     phases.update(boot_phases(vm))
     story.multi_user["reboot"] = phases["boot_to_multi_user"]
@@ -310,11 +346,12 @@ def test_replacement_vm_keeps_the_data_and_the_certificate(story, guest, acme, v
     vm = new_vm(story, "replacement", acme, guest, story.data_disk)
     story.guest = vm
     vm.wait_for_ssh(BOOT_TIMEOUT_SECONDS)
-    wait_for_chroma(vm)
-    phases["replace_to_healthy"] = round(time.monotonic() - started, 1)
     status = wait_for_cloud_init(vm)
     assert status["status"] == "done", status
     assert status["errors"] == [], status
+    phases["run_command"] = run_the_run_command(vm, acme)
+    wait_for_chroma(vm)
+    phases["replace_to_healthy"] = round(time.monotonic() - started, 1)
     phases.update(boot_phases(vm))
 
     assert "already holds Chroma's filesystem" in unit_journal(vm, "chroma-data-disk")
@@ -350,6 +387,12 @@ def test_no_data_disk_boots_without_waiting_and_writes_nothing(story, guest, acm
     first = boot_phases(vm)
     phases["first_boot_to_multi_user"] = first["boot_to_multi_user"]
     phases["first_boot_to_cloud_final"] = first["boot_to_cloud_final"]
+    # Azure runs the run command on the new VM all the same: it writes the files, and its start of
+    # Chroma waits for the disk (the reboot below ends it).
+    start_the_run_command(vm, acme)
+    vm.wait_for(
+        f"test -s {cloud_config.COMPOSE_FILE} && test -s {cloud_config.CADDYFILE}", 300, "the run command's files"
+    )
     assert_no_disk_no_chroma(vm)
 
     vm.reboot(BOOT_TIMEOUT_SECONDS)
