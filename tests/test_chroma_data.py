@@ -183,24 +183,25 @@ def test_repair_finds_an_index_older_than_sqlite_the_case_that_fails_silently(tm
     assert not folder.exists()
 
 
+def verify_on(data_dir: Path, workdir: Path) -> subprocess.CompletedProcess:
+    """The data tool's verify against a fresh server on the data."""
+    server = start_server(data_dir, workdir)
+    try:
+        return tool("verify", "--endpoint", server.url)
+    finally:
+        server.stop()
+
+
 def test_verify_names_a_broken_collection_and_passes_a_whole_one(tmp_path):
     data_dir = tmp_path / "data"
     write_some(data_dir, tmp_path / "run", 3.0)
-    server = start_server(data_dir, tmp_path / "whole")
-    try:
-        whole = tool("verify", "--endpoint", server.url)
-    finally:
-        server.stop()
+    whole = verify_on(data_dir, tmp_path / "whole")
     assert whole.returncode == 0, whole.stdout
     assert f"{len(COLLECTION_NAMES)} of {len(COLLECTION_NAMES)} collections whole" in whole.stdout
     broken = vector_folders(data_dir)[0]
     (broken / "header.bin").write_bytes(b"")
     name = next(s.collection_name for s in chroma_data.vector_segments(data_dir) if s.segment_id == broken.name)
-    server = start_server(data_dir, tmp_path / "broken")
-    try:
-        result = tool("verify", "--endpoint", server.url)
-    finally:
-        server.stop()
+    result = verify_on(data_dir, tmp_path / "broken")
     assert result.returncode == 1, result.stdout
     assert f"BROKEN default_database/{name}" in result.stdout
 
