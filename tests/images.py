@@ -88,8 +88,7 @@ class _Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _chroma_recipe() -> _Recipe:
-    version = chroma_pin()
+def _chroma_recipe(version: str) -> _Recipe:
     return _Recipe(
         name=runtime.chroma_image(version),
         wheel=f"chromadb=={version}",
@@ -254,9 +253,19 @@ def ensure_images(engine: Engine) -> dict[str, str]:
     base_digest = _base_digest()
     _from_cache_or(engine, BASE_IMAGE, base_digest, lambda: _build_base(engine, base_digest))
     images = {}
-    for recipe in (_chroma_recipe(), _caddy_recipe(), _guard_recipe()):
-        digest = recipe.digest(base_digest)
-        images[recipe.name] = _from_cache_or(
-            engine, recipe.name, digest, lambda r=recipe, d=digest: _build(engine, r, d)
-        )
+    for recipe in (_chroma_recipe(chroma_pin()), _caddy_recipe(), _guard_recipe()):
+        images[recipe.name] = _ensure(engine, recipe, base_digest)
     return images
+
+
+def ensure_chroma_image(engine: Engine, version: str) -> tuple[str, str]:
+    """The Chroma stand-in of another release (the VM tier's version change): (name, image id)."""
+    base_digest = _base_digest()
+    _from_cache_or(engine, BASE_IMAGE, base_digest, lambda: _build_base(engine, base_digest))
+    recipe = _chroma_recipe(version)
+    return recipe.name, _ensure(engine, recipe, base_digest)
+
+
+def _ensure(engine: Engine, recipe: _Recipe, base_digest: str) -> str:
+    digest = recipe.digest(base_digest)
+    return _from_cache_or(engine, recipe.name, digest, lambda: _build(engine, recipe, digest))

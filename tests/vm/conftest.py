@@ -13,6 +13,7 @@ from pathlib import Path
 import acme_server
 import guest_image
 import guest_registry
+import images
 import pytest
 import user_data
 from live import free_port
@@ -85,10 +86,16 @@ def acme(vm_tools, vm_workdir, forwards) -> Iterator[acme_server.Pebble]:
 
 @pytest.fixture(scope="session")
 def images_dir(vm_tools, docker_engine, standin_images) -> Path:
-    """The stand-in images (tests/images.py) as tars, for the guest image to preload."""
+    """The stand-in images (tests/images.py) as tars, for the guest image to preload.
+
+    Besides what the compose file runs: the Chroma stand-in of user_data.OTHER_CHROMA_VERSION, which the
+    version change finds already there, as a pull would leave it.
+    """
     started = time.monotonic()
-    needed = guest_registry.compose_images(user_data.runtime_files().compose)
-    path = guest_registry.guest_images_dir(docker_engine, standin_images.images, acme_server.listener_ca()[0], needed)
+    other_name, other_id = images.ensure_chroma_image(docker_engine, user_data.OTHER_CHROMA_VERSION)
+    built = {**standin_images.images, other_name: other_id}
+    needed = [*guest_registry.compose_images(user_data.runtime_files().compose), other_name]
+    path = guest_registry.guest_images_dir(docker_engine, built, acme_server.listener_ca()[0], needed)
     print(f"\nstand-in images ready in {time.monotonic() - started:.0f}s: {path}")
     return path
 

@@ -7,8 +7,10 @@ VM only (a first boot or a replacement); a reboot runs nothing, as Azure re-runs
 only when it is re-created, and chroma.service starts from the files the last run left. Each guest
 is judged from the host by scripts/smoke_test.py through the forwarded 443. The scenarios run
 in order and share guests where the story allows: the first guest is rebooted, then replaced by a
-second with a new OS disk and the same data disk; a third boots without a data disk, is shown a
-disk holding another filesystem, and is then given a blank one, all without a reboot.
+second with a new OS disk and the same data disk. A copy of that disk, taken while a client writes,
+is restored onto a third (README's restore runbook), which then changes its Chroma version and back.
+A fourth boots without a data disk, is shown a disk holding another filesystem, and is then given a
+blank one, all without a reboot.
 
 Stand-ins for what only Azure has; nothing else differs:
 - **Image.** Ubuntu 24.04 becomes Debian 13 (trixie, built by `mmdebstrap`; tests/vm/guest_image.py),
@@ -22,8 +24,12 @@ Stand-ins for what only Azure has; nothing else differs:
   do: `/dev/disk/azure/scsi1/lun0` and `/dev/disk/azure/data/by-lun/0`.
 - **Registry.** The stand-in images of tests/images.py are preloaded into the image's
   /var/lib/docker under the pinned names (a host dockerd loads them there at build time), so they
-  are there before chroma.service starts and compose pulls nothing. The Caddy stand-in gets one
-  more file: the CA of pebble's HTTPS listener.
+  are there before chroma.service starts and compose pulls nothing. So is the Chroma stand-in of
+  the previous release, which the version change finds as a pull would leave it. The Caddy
+  stand-in gets one more file: the CA of pebble's HTTPS listener.
+- **Disk snapshot.** A snapshot (or an Azure Backup recovery point) of the running data disk is
+  QEMU's `blockdev-backup` of it, a point-in-time copy of what the guest had written to the disk;
+  restoring it (`dataDiskSourceId`) is a new VM booted with that copy as its data disk.
 - **Let's Encrypt.** Debian's `pebble` on the host, with `pebble-challtestsrv` answering DNS. The
   guest reaches it at 10.0.2.100:14000 (a QEMU guestfwd). The run command's Caddyfile gains exactly
   two lines in its global options, `acme_ca` and `acme_ca_root` (tests/vm/user_data.py proves
@@ -39,18 +45,24 @@ Stand-ins for what only Azure has; nothing else differs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import math
+import re
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import user_data
 import yaml
@@ -59,7 +71,7 @@ from vm_fixtures import FQDN, TOKEN, pinned_chroma_version
 
 from components import cloud_config, runtime
 from components.runtime import AUTHORIZATION
-from scripts import smoke_test
+from scripts import chroma_data, smoke_test
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_TEST = ROOT / "scripts" / "smoke_test.py"
@@ -71,6 +83,13 @@ RUN_COMMAND_TIMEOUT_SECONDS = 900
 NO_DISK_BOOT_MARGIN_SECONDS = 30
 COLLECTION = "vm-tier-persistence"
 RECORDS = 64
+# The restore scenario's writer: batches of this many records of this many dimensions.
+WRITER_COLLECTION = "vm-tier-restore"
+WRITER_BATCH = 25
+WRITER_DIMENSIONS = 16
+# Batches acknowledged before the copy is taken, and after it (writes in flight while it runs).
+BATCHES_BEFORE_COPY = 8
+BATCHES_AFTER_COPY = 4
 
 
 @dataclass
@@ -111,19 +130,20 @@ def wait_for_cloud_init(guest: Guest) -> dict:
     return json.loads(guest.ssh("cloud-init status --format json", check=False).stdout)
 
 
-def run_the_run_command(guest: Guest, acme) -> float:
-    """Runs the run command in the guest as Azure's agent would, secrets on stdin; its seconds."""
+def run_the_run_command(guest: Guest, acme, chroma_version: str | None = None) -> tuple[float, str]:
+    """Runs the run command in the guest as Azure's agent would, secrets on stdin; (its seconds, its output)."""
+    chroma_version = chroma_version or pinned_chroma_version()
     started = time.monotonic()
     result = guest.ssh(
         "sh -s",
         check=False,
         timeout=RUN_COMMAND_TIMEOUT_SECONDS,
-        stdin=user_data.run_command_script(acme.directory_url),
+        stdin=user_data.run_command_script(acme.directory_url, chroma_version),
     )
     assert result.returncode == 0, f"the run command failed:\n{result.stdout}\n{result.stderr}"
-    assert f"chroma-apply: running {runtime.chroma_image(pinned_chroma_version())}" in result.stdout, result.stdout
+    assert f"chroma-apply: running {runtime.chroma_image(chroma_version)}" in result.stdout, result.stdout
     assert TOKEN not in result.stdout + result.stderr, "the run command printed the token"
-    return round(time.monotonic() - started, 1)
+    return round(time.monotonic() - started, 1), result.stdout
 
 
 def start_the_run_command(guest: Guest, acme) -> None:
@@ -293,7 +313,7 @@ def test_first_boot_formats_a_blank_disk_and_serves(story, guest, acme, vm_repor
     assert status["status"] == "done", status
     assert status["errors"] == [], status["errors"]
     assert vm.monotonic_seconds("chroma.service", "ExecMainStartTimestampMonotonic") is None, "no config yet, no start"
-    phases["run_command"] = run_the_run_command(vm, acme)
+    phases["run_command"], _ = run_the_run_command(vm, acme)
     wait_for_chroma(vm)
     phases["qemu_start_to_healthy"] = round(time.monotonic() - vm.started_at, 1)
     phases.update(boot_phases(vm))
@@ -302,6 +322,9 @@ def test_first_boot_formats_a_blank_disk_and_serves(story, guest, acme, vm_repor
     _source, label, story.filesystem_uuid = data_mount(vm)
     assert label == "chroma-data"
     assert_containers_healthy(vm)
+    chroma = container(vm, "chroma")["name"]
+    oom = vm.ssh(f"for pid in $(docker top {chroma} -o pid | tail -n +2); do cat /proc/$pid/oom_score_adj; done")
+    assert set(oom.stdout.split()) == {str(runtime.CHROMA_OOM_SCORE_ADJ)}, "the OOM killer picks others first"
     assert vm.ssh("dpkg-query -W -f '${Status}' docker-compose-v2 azure-vm-utils").stdout.count("installed") == 2
 
     phases["smoke_test"] = run_smoke_test(story, acme)
@@ -328,6 +351,7 @@ def test_reboot_keeps_the_data_and_starts_chroma_by_itself(story, acme, vm_repor
     assert "already holds Chroma's filesystem" in unit_journal(vm, "chroma-data-disk")
     assert data_mount(vm)[2] == story.filesystem_uuid, "the disk was not reformatted"
     assert_containers_healthy(vm)
+    assert "last stop was clean; indexes kept" in guard_log(vm), "the reboot stopped Chroma cleanly"
     phases["smoke_test"] = run_smoke_test(story, acme)
     assert_records_intact(story, acme)
     print_phases("reboot", phases)
@@ -349,7 +373,7 @@ def test_replacement_vm_keeps_the_data_and_the_certificate(story, guest, acme, v
     status = wait_for_cloud_init(vm)
     assert status["status"] == "done", status
     assert status["errors"] == [], status
-    phases["run_command"] = run_the_run_command(vm, acme)
+    phases["run_command"], _ = run_the_run_command(vm, acme)
     wait_for_chroma(vm)
     phases["replace_to_healthy"] = round(time.monotonic() - started, 1)
     phases.update(boot_phases(vm))
@@ -362,6 +386,237 @@ def test_replacement_vm_keeps_the_data_and_the_certificate(story, guest, acme, v
     assert acme.orders() == orders_before, "the replacement asked pebble for no new certificate"
     print_phases("replacement VM", phases)
     vm_report.passed("replacement")
+
+
+def writer_record(batch: int, index: int) -> tuple[str, list[float]]:
+    """One record the writer adds: its id and embedding follow from where it is, so a check can recompute them."""
+    key = batch * WRITER_BATCH + index
+    return f"w-{batch}-{index}", [round(math.sin(key * 1.3 + dimension), 6) for dimension in range(WRITER_DIMENSIONS)]
+
+
+class Writer(threading.Thread):
+    """Adds batches through the proxy without pause until stopped; remembers each acknowledged batch."""
+
+    def __init__(self, collection) -> None:
+        super().__init__(daemon=True)
+        self.collection = collection
+        self.acknowledged: list[int] = []
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        batch = 0
+        while not self.halt.is_set():
+            records = [writer_record(batch, index) for index in range(WRITER_BATCH)]
+            try:
+                self.collection.add(ids=[key for key, _ in records], embeddings=[vector for _, vector in records])
+                self.acknowledged.append(batch)
+            except Exception as error:  # a failed write is reported, and the writer goes on
+                self.errors.append(f"batch {batch}: {type(error).__name__}: {error}")
+            batch += 1
+
+    def wait_for(self, batches: int, timeout: float) -> None:
+        """Waits until `batches` batches are acknowledged."""
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < batches:
+            if time.monotonic() > deadline or not self.is_alive():
+                raise AssertionError(f"{len(self.acknowledged)} of {batches} batches written; {self.errors[-3:]}")
+            time.sleep(0.2)
+
+
+def copy_while_writing(story: Story, acme, copy: Path) -> tuple[list[int], float, Writer]:
+    """A crash-consistent copy of the running VM's data disk, taken mid-write.
+
+    Returns the batches acknowledged before the copy began, the copy's seconds, and the writer.
+    """
+    vm = story.guest
+    assert vm is not None
+    with smoke_test.resolved(FQDN, "127.0.0.1"):
+        writer = Writer(chroma_client(story, acme).get_or_create_collection(WRITER_COLLECTION))
+        writer.start()
+        try:
+            writer.wait_for(BATCHES_BEFORE_COPY, 300)
+            before_copy = list(writer.acknowledged)
+            seconds = vm.copy_data_disk(copy)
+            writer.wait_for(len(writer.acknowledged) + BATCHES_AFTER_COPY, 300)
+        finally:
+            writer.halt.set()
+            writer.join(timeout=120)
+    assert not writer.errors, f"writes to the running VM failed: {writer.errors}"
+    return before_copy, round(seconds, 1), writer
+
+
+def assert_writes_restored(story: Story, acme, batches: list[int]) -> int:
+    """Each batch acknowledged before the copy is back, with its exact embeddings, and a query finds it; the count."""
+    expected = dict(writer_record(batch, index) for batch in batches for index in range(WRITER_BATCH))
+    sample = list(expected)[:: max(1, len(expected) // 20)]
+    with smoke_test.resolved(FQDN, "127.0.0.1"):
+        collection = chroma_client(story, acme).get_collection(WRITER_COLLECTION)
+        stored = collection.get(ids=list(expected), include=["embeddings"])
+        found = collection.query(query_embeddings=[expected[key] for key in sample], n_results=1, include=[])
+        count = collection.count()
+    missing = sorted(set(expected) - set(stored["ids"]))
+    assert not missing, f"{len(missing)} of {len(expected)} acknowledged records lost, e.g. {missing[:5]}"
+    for key, embedding in zip(stored["ids"], stored["embeddings"], strict=True):
+        assert list(embedding) == pytest.approx(expected[key], abs=1e-6), key
+    assert [hits[0] for hits in found["ids"]] == sample, "a query by its own vector finds each sampled record"
+    return count
+
+
+def verify_through_proxy(story: Story, acme) -> tuple[float, int]:
+    """The runbook's `chroma_data.py verify` from the host, through the proxy with the token: (seconds, collections)."""
+    output = io.StringIO()
+    endpoint = f"https://{FQDN}:{story.forwards.https}"
+    started = time.monotonic()
+    with smoke_test.resolved(FQDN, "127.0.0.1"), contextlib.redirect_stdout(output):
+        code = chroma_data.main(
+            ["verify", "--endpoint", endpoint, "--ca-cert", str(pebble_root(acme, story))], {"CHROMA_TOKEN": TOKEN}
+        )
+    seconds = round(time.monotonic() - started, 1)
+    assert code == 0, output.getvalue()
+    whole = re.search(r"verify: (\d+) of \1 collections whole", output.getvalue())
+    assert whole, output.getvalue()
+    return seconds, int(whole[1])
+
+
+def guard_log(guest: Guest) -> str:
+    """What the data guard logged on this boot (its container logs to the journal under its tag)."""
+    return guest.ssh(f"journalctl -b --no-pager -o cat -t {cloud_config.GUARD_JOURNAL_TAG}").stdout
+
+
+def test_restore_of_a_copy_taken_mid_write_repairs_itself_and_serves(story, guest, acme, vm_report):
+    """README's restore runbook, on a crash-consistent copy of the running VM's data disk (issue 17).
+
+    Azure's stand-ins: a snapshot or recovery point of the running disk is QEMU's `blockdev-backup`,
+    taken while a client writes through the proxy; `dataDiskSourceId` is a new VM booted on the copy.
+    """
+    old = story.guest
+    assert old is not None, "needs the replacement guest"
+    phases = vm_report.phases("restore")
+    copy = story.workdir / "restored.img"
+    before_copy, phases["copy_while_writing"], writer = copy_while_writing(story, acme, copy)
+    old.stop()
+    story.spare_guests.append(old)
+
+    started = time.monotonic()
+    vm = new_vm(story, "restored", acme, guest, copy)
+    story.guest = vm
+    vm.wait_for_ssh(BOOT_TIMEOUT_SECONDS)
+    status = wait_for_cloud_init(vm)
+    assert status["status"] == "done", status
+    assert status["errors"] == [], status
+    phases["run_command"], _ = run_the_run_command(vm, acme)
+    wait_for_chroma(vm)
+    phases["restore_to_healthy"] = round(time.monotonic() - started, 1)
+
+    # Runbook step 3: the guard found no marker, moved every index aside and rebuilt it from the log.
+    log = guard_log(vm)
+    assert "no clean-shutdown marker" in log, log
+    assert {COLLECTION, WRITER_COLLECTION} <= set(re.findall(r"moved aside (\S+):", log)), log
+    rebuilt = re.search(r"rebuilt (\d+) collections from the write log in ([\d.]+)s", log)
+    assert rebuilt, log
+    assert int(rebuilt[1]) >= 2, log
+    assert re.search(r"after-start: verify: (\d+) of \1 collections whole", log), log
+    phases["rebuild"] = float(rebuilt[2])
+    # Step 4: verify through the proxy, then the smoke test; and every write acknowledged before the copy.
+    phases["verify"], collections = verify_through_proxy(story, acme)
+    assert collections >= 2
+    phases["smoke_test"] = run_smoke_test(story, acme)
+    assert_records_intact(story, acme)
+    count = assert_writes_restored(story, acme, before_copy)
+    total = len(writer.acknowledged) * WRITER_BATCH
+    print(
+        f"\nrestore: {len(before_copy) * WRITER_BATCH} records acknowledged before the copy, all restored;"
+        f" {total} by the writer's end; the copy holds {count}"
+    )
+    print_phases("restore from a copy taken mid-write", phases)
+    vm_report.passed("restore")
+
+
+class Prober(threading.Thread):
+    """Asks for a collection's count through the proxy without pause until stopped; keeps (start, end, outcome)."""
+
+    def __init__(self, story: Story, acme, collection_id: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"https://{FQDN}:{story.forwards.https}/api/v2/tenants/default_tenant/databases/default_database"
+        self.path = f"/collections/{collection_id}/count"
+        self.verify = ssl.create_default_context(cafile=str(pebble_root(acme, story)))
+        self.results: list[tuple[float, float, int | str]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        headers = {AUTHORIZATION: runtime.auth_value(AUTHORIZATION, TOKEN)}
+        with httpx.Client(base_url=self.url, verify=self.verify, headers=headers, timeout=10) as client:
+            while not self.halt.is_set():
+                start = time.monotonic()
+                try:
+                    outcome: int | str = client.get(self.path).status_code
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                self.results.append((start, time.monotonic(), outcome))
+                time.sleep(0.1)
+
+    def failed(self) -> list[int | str]:
+        return [outcome for _, _, outcome in self.results if outcome != 200]
+
+    def down_seconds(self) -> float:
+        """From the last answer before the first failure to the first answer after the last one."""
+        failures = [index for index, (_, _, outcome) in enumerate(self.results) if outcome != 200]
+        if not failures:
+            return 0.0
+        first, last = failures[0], failures[-1]
+        before = self.results[first - 1][1] if first > 0 else self.results[0][0]
+        return round(self.results[min(last + 1, len(self.results) - 1)][1] - before, 1)
+
+
+def container(guest: Guest, service: str) -> dict[str, str]:
+    """The id, start time and image of a compose service's container in the guest."""
+    name = f"{yaml.safe_load(user_data.runtime_files().compose)['name']}-{service}-1"
+    line = guest.ssh(f"docker inspect --format '{{{{.Id}}}} {{{{.State.StartedAt}}}} {{{{.Config.Image}}}}' {name}")
+    container_id, started, image = line.stdout.split()
+    return {"name": name, "id": container_id, "started": started, "image": image}
+
+
+def test_version_change_recreates_chroma_alone(story, acme, vm_report):
+    """A `chromaVersion` change on the running VM: the run command, to the previous release and back (issue 12).
+
+    The other release's stand-in is already in the guest's Docker, as a pull would leave it (the
+    pull happens while the old container serves, so it adds nothing to the downtime).
+    """
+    vm = story.guest
+    assert vm is not None, "needs the restored guest"
+    phases = vm_report.phases("version_change")
+    with smoke_test.resolved(FQDN, "127.0.0.1"):
+        collection_id = str(chroma_client(story, acme).get_collection(COLLECTION).id)
+        for version in (user_data.OTHER_CHROMA_VERSION, pinned_chroma_version()):
+            proxy, chroma = container(vm, "proxy"), container(vm, "chroma")
+            prober = Prober(story, acme, collection_id)
+            prober.start()
+            try:
+                seconds, output = run_the_run_command(vm, acme, version)
+                time.sleep(2)  # answers after the change, too
+            finally:
+                prober.halt.set()
+                prober.join(timeout=30)
+            assert "recreating what changed" in output, output
+            assert container(vm, "proxy") == proxy, "the proxy was not touched"
+            now = container(vm, "chroma")
+            assert now["id"] != chroma["id"], "Chroma's container was replaced"
+            assert now["image"] == runtime.chroma_image(version)
+            # The stand-in's own record of the release it runs (its chromadb package).
+            inside = vm.ssh(
+                f"docker exec {now['name']} /opt/chromadb/bin/python -c 'import chromadb; print(chromadb.__version__)'"
+            )
+            assert inside.stdout.strip() == version
+            assert set(prober.failed()) <= {502}, f"only the proxy's 502 while Chroma restarts: {prober.failed()}"
+            assert prober.results[-1][2] == 200, "serving again"
+            phases[f"to_{version}_run_command"] = seconds
+            phases[f"to_{version}_chroma_down"] = prober.down_seconds()
+            print(f"\nversion change to {version}: {len(prober.failed())} of {len(prober.results)} requests got 502")
+    assert_containers_healthy(vm)
+    assert_records_intact(story, acme)
+    print_phases("version change", phases)
+    vm_report.passed("version_change")
 
 
 def assert_no_disk_no_chroma(vm: Guest) -> None:

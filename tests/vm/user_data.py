@@ -14,6 +14,8 @@ from components import cloud_config, runtime_config
 from components.runtime import AUTHORIZATION
 
 CADDY_TRUST_PATH = "/etc/ssl/certs/chroma-vm-test-acme-listener.pem"
+# The release before the pin: the version-change scenario moves the running VM to it and back.
+OTHER_CHROMA_VERSION = "1.5.8"
 GLOBAL_OPTIONS_OPENING = "{\n"
 
 
@@ -43,11 +45,11 @@ def rendered() -> str:
     return cloud_config.render_cloud_config()
 
 
-def runtime_files() -> runtime_config.RuntimeFiles:
+def runtime_files(chroma_version: str | None = None) -> runtime_config.RuntimeFiles:
     """The run command's files for the test FQDN and token, exactly as the Azure component renders them."""
     return runtime_config.render_runtime_files(
         site=runtime_config.vm_site(FQDN),
-        chroma_version=pinned_chroma_version(),
+        chroma_version=chroma_version or pinned_chroma_version(),
         auth_header=AUTHORIZATION,
         token=TOKEN,
         otel=None,
@@ -55,9 +57,10 @@ def runtime_files() -> runtime_config.RuntimeFiles:
     )
 
 
-def run_command_script(directory_url: str) -> str:
+def run_command_script(directory_url: str, chroma_version: str | None = None) -> str:
     """What Azure's agent would run in the guest: the run command, with only the test's two ACME lines added."""
-    files = runtime_files()
+    chroma_version = chroma_version or pinned_chroma_version()
+    files = runtime_files(chroma_version)
     caddyfile = with_test_acme(files.caddyfile, directory_url)
     expected = sorted(f"+{line}" for line in acme_lines(directory_url))
     if differences(files.caddyfile, caddyfile) != expected:
@@ -65,4 +68,4 @@ def run_command_script(directory_url: str) -> str:
             f"the Caddyfile differs by more than the ACME lines: {differences(files.caddyfile, caddyfile)}"
         )
     changed = runtime_config.RuntimeFiles(caddyfile=caddyfile, compose=files.compose)
-    return runtime_config.as_guest_script(runtime_config.run_command_for(changed, pinned_chroma_version()))
+    return runtime_config.as_guest_script(runtime_config.run_command_for(changed, chroma_version))
