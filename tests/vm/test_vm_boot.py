@@ -155,6 +155,26 @@ def start_the_run_command(guest: Guest, acme) -> None:
     )
 
 
+def replace_vm(story: Story, name: str, acme, guest_image, data_disk: Path, phases: dict) -> tuple[Guest, float]:
+    """Powers the story's guest off and brings up a new VM on `data_disk`, up to healthy; (it, seconds taken).
+
+    As Azure does for a new VM: cloud-init's bootstrap, then the run command (its seconds go in `phases`).
+    """
+    started = time.monotonic()
+    if story.guest is not None:
+        story.guest.stop()
+        story.spare_guests.append(story.guest)
+    vm = new_vm(story, name, acme, guest_image, data_disk)
+    story.guest = vm
+    vm.wait_for_ssh(BOOT_TIMEOUT_SECONDS)
+    status = wait_for_cloud_init(vm)
+    assert status["status"] == "done", status
+    assert status["errors"] == [], status
+    phases["run_command"], _ = run_the_run_command(vm, acme)
+    wait_for_chroma(vm)
+    return vm, round(time.monotonic() - started, 1)
+
+
 def wait_for_chroma(guest: Guest, timeout: float = HEALTHY_TIMEOUT_SECONDS) -> None:
     """Waits for chroma.service to be active (compose `up --wait`: both containers healthy)."""
     deadline = time.monotonic() + timeout
@@ -360,22 +380,10 @@ def test_reboot_keeps_the_data_and_starts_chroma_by_itself(story, acme, vm_repor
 
 def test_replacement_vm_keeps_the_data_and_the_certificate(story, guest, acme, vm_report):
     """A new OS disk and instance-id, the same data disk: also the zone-failover rehearsal (issue 16)."""
-    old = story.guest
-    assert old is not None, "needs the first guest"
+    assert story.guest is not None, "needs the first guest"
     phases = vm_report.phases("replacement")
     orders_before = acme.orders()
-    started = time.monotonic()
-    old.stop()
-    story.spare_guests.append(old)
-    vm = new_vm(story, "replacement", acme, guest, story.data_disk)
-    story.guest = vm
-    vm.wait_for_ssh(BOOT_TIMEOUT_SECONDS)
-    status = wait_for_cloud_init(vm)
-    assert status["status"] == "done", status
-    assert status["errors"] == [], status
-    phases["run_command"], _ = run_the_run_command(vm, acme)
-    wait_for_chroma(vm)
-    phases["replace_to_healthy"] = round(time.monotonic() - started, 1)
+    vm, phases["replace_to_healthy"] = replace_vm(story, "replacement", acme, guest, story.data_disk, phases)
     phases.update(boot_phases(vm))
 
     assert "already holds Chroma's filesystem" in unit_journal(vm, "chroma-data-disk")
@@ -490,24 +498,11 @@ def test_restore_of_a_copy_taken_mid_write_repairs_itself_and_serves(story, gues
     Azure's stand-ins: a snapshot or recovery point of the running disk is QEMU's `blockdev-backup`,
     taken while a client writes through the proxy; `dataDiskSourceId` is a new VM booted on the copy.
     """
-    old = story.guest
-    assert old is not None, "needs the replacement guest"
+    assert story.guest is not None, "needs the replacement guest"
     phases = vm_report.phases("restore")
     copy = story.workdir / "restored.img"
     before_copy, phases["copy_while_writing"], writer = copy_while_writing(story, acme, copy)
-    old.stop()
-    story.spare_guests.append(old)
-
-    started = time.monotonic()
-    vm = new_vm(story, "restored", acme, guest, copy)
-    story.guest = vm
-    vm.wait_for_ssh(BOOT_TIMEOUT_SECONDS)
-    status = wait_for_cloud_init(vm)
-    assert status["status"] == "done", status
-    assert status["errors"] == [], status
-    phases["run_command"], _ = run_the_run_command(vm, acme)
-    wait_for_chroma(vm)
-    phases["restore_to_healthy"] = round(time.monotonic() - started, 1)
+    vm, phases["restore_to_healthy"] = replace_vm(story, "restored", acme, guest, copy, phases)
 
     # Runbook step 3: the guard found no marker, moved every index aside and rebuilt it from the log.
     log = guard_log(vm)
