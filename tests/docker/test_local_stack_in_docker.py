@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -245,11 +246,24 @@ def test_logs_are_bounded_on_every_container(stack):
         }, container["Name"]
 
 
+def guard_says(stack, text: str) -> int:
+    """How many lines of the guard's log, over all its starts, contain `text`."""
+    result = stack.engine.run("logs", stack.guard)
+    return sum(text in line for line in (result.stdout + result.stderr).splitlines())
+
+
+CLEAN_START = "last stop was clean; indexes kept"
+UNCLEAN_START = "no clean-shutdown marker"
+
+
 def test_data_survives_a_docker_restart(stack):
+    clean, unclean = guard_says(stack, CLEAN_START), guard_says(stack, UNCLEAN_START)
     # The proxy owns the network namespace, so it comes back first and the guard and Chroma re-join it.
     stack.engine.run("restart", stack.proxy, stack.guard, stack.chroma, timeout=180)
     stack.wait_healthy()
     assert_data_kept(stack)
+    assert guard_says(stack, CLEAN_START) == clean + 1, "a restart stops Chroma cleanly: no repair"
+    assert guard_says(stack, UNCLEAN_START) == unclean
 
 
 def chroma_server_pid(init_pid: int) -> int:
@@ -265,6 +279,7 @@ def chroma_server_pid(init_pid: int) -> int:
 
 
 def test_data_survives_a_killed_chroma_process(stack):
+    unclean, moved = guard_says(stack, UNCLEAN_START), guard_says(stack, "before-start: moved aside")
     before = stack.engine.inspect(stack.chroma)[0]
     os.kill(chroma_server_pid(before["State"]["Pid"]), signal.SIGKILL)
     wait_until(
@@ -274,6 +289,13 @@ def test_data_survives_a_killed_chroma_process(stack):
     )
     stack.wait_healthy()
     assert_data_kept(stack)
+    # The restart after the kill found no marker, so the guard moved the indexes aside and rebuilt them.
+    assert guard_says(stack, UNCLEAN_START) == unclean + 1
+    assert guard_says(stack, "before-start: moved aside") > moved
+    log = stack.engine.run("logs", stack.guard)
+    verdicts = re.findall(r"after-start: verify: (\d+) of (\d+) collections whole", log.stdout + log.stderr)
+    assert verdicts, "the guard verified after the rebuild"
+    assert verdicts[-1][0] == verdicts[-1][1], verdicts[-1]
 
 
 def test_recreate_keeps_the_volume_and_the_other_header_mode_passes(stack, capsys, docker_report):
