@@ -111,6 +111,11 @@ class VmReport:
         entry = self.scenarios.setdefault(scenario, {"passed": False, "phases": {}})
         return entry["phases"]
 
+    def details(self, scenario: str) -> dict:
+        """What else a scenario found, beside its phases."""
+        entry = self.scenarios.setdefault(scenario, {"passed": False, "phases": {}})
+        return entry.setdefault("details", {})
+
     def passed(self, scenario: str) -> None:
         """Marks a scenario passed and prints its phases."""
         self.scenarios[scenario]["passed"] = True

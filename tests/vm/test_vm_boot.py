@@ -454,6 +454,26 @@ def copy_while_writing(story: Story, acme, copy: Path) -> tuple[list[int], float
     return before_copy, round(seconds, 1), writer
 
 
+def index_problems(copy: Path, scratch: Path) -> dict[str, str | None]:
+    """What chroma_data.py finds wrong with each collection's vector index in a disk copy, before any repair.
+
+    Read off a scratch copy with e2fsprogs: e2fsck replays the journal as a mount would, and debugfs
+    copies Chroma's data directory out; the copy that boots is not touched.
+    """
+    image, files = scratch / "inspect.img", scratch / "inspect"
+    files.mkdir()
+    subprocess.run(["cp", "--sparse=always", str(copy), str(image)], check=True)
+    fsck = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True, check=False)
+    assert fsck.returncode in (0, 1), f"e2fsck could not make the copy mountable: {fsck.stdout}{fsck.stderr}"
+    subprocess.run(["debugfs", "-R", f"rdump /data {files}", str(image)], check=True, capture_output=True)
+    image.unlink()
+    data_dir = files / "data"
+    return {
+        segment.collection_name: chroma_data.index_problem(data_dir, segment)
+        for segment in chroma_data.vector_segments(data_dir)
+    }
+
+
 def assert_writes_restored(story: Story, acme, batches: list[int]) -> int:
     """Each batch acknowledged before the copy is back, with its exact embeddings, and a query finds it; the count."""
     expected = dict(writer_record(batch, index) for batch in batches for index in range(WRITER_BATCH))
@@ -502,6 +522,9 @@ def test_restore_of_a_copy_taken_mid_write_repairs_itself_and_serves(story, gues
     phases = vm_report.phases("restore")
     copy = story.workdir / "restored.img"
     before_copy, phases["copy_while_writing"], writer = copy_while_writing(story, acme, copy)
+    problems = index_problems(copy, story.workdir)
+    vm_report.details("restore")["indexes_before_repair"] = problems
+    print(f"\nthe copy's indexes before repair: {problems}")
     vm, phases["restore_to_healthy"] = replace_vm(story, "restored", acme, guest, copy, phases)
 
     # Runbook step 3: the guard found no marker, moved every index aside and rebuilt it from the log.
