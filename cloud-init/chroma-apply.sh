@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Applies the runtime config that the VM's run command carries, doing the least that works:
-#   - proxy config changed (authToken, authHeader, acmeEmail): `caddy reload` in the proxy
-#     container. Caddy swaps its config in place: no listener and no connection is closed,
-#     and Chroma is not touched.
+#   - token changed (authToken): the token file is replaced atomically (a new file, then `mv`).
+#     Caddy reads that file at every request, so the next request is checked against the new
+#     token: no reload, no restart, no connection closed, Chroma not touched.
+#   - proxy config changed (authHeader, acmeEmail): `caddy reload` in the proxy container. Caddy
+#     swaps its config in place, keeping its listeners, and Chroma is not touched; but a reload
+#     retires the old config's server, which may cut off a request that arrives in that instant.
 #   - compose file changed (OTel settings: Chroma's environment; chromaVersion: its image): pull a
 #     new image first, while the old container still serves, then `docker compose up`, which
 #     recreates only the services whose definition changed (Chroma alone, for these keys). Chroma
@@ -10,12 +13,14 @@
 #     for the data guard's check), as at boot. If it is not healthy within the bound, the previous
 #     compose file is put back and started again.
 #   - nothing changed: nothing is touched. Azure may run the command again (see below).
-#   - Chroma not running yet (the VM's first run): both files go in and chroma.service starts.
+#   - Chroma not running yet (the VM's first run): the files go in and chroma.service starts.
+# In that order: the proxy config first, so that a config Caddy refuses leaves the token as it was.
 # It reports the image that runs, and fails if that is not the one asked for.
 #
 # Input, as Azure's run command agent passes parameters (environment variables):
 #   CHROMA_IMAGE          the Chroma image the compose file names (a plain parameter)
-#   CHROMA_CADDYFILE_B64  the proxy config, base64 (protected: it holds the token)
+#   CHROMA_CADDYFILE_B64  the proxy config, base64 (a plain parameter: it holds no secret)
+#   CHROMA_AUTH_TOKEN     the token, RFC 6750 token68 (protected)
 #   CHROMA_COMPOSE_B64    the compose file, base64 (protected: it may hold OTel headers)
 # Secrets are never printed. The other CHROMA_* variables below exist for tests; the VM uses the
 # defaults.
@@ -37,10 +42,14 @@ boot_wait_seconds=${CHROMA_BOOT_WAIT_SECONDS:-1200}
 healthy_within_seconds=${CHROMA_HEALTHY_WITHIN_SECONDS:-180}
 unit=${CHROMA_UNIT:-chroma.service}
 compose_file=$config_dir/compose.yaml
-# A directory mount in the proxy container: a file mount would keep the replaced file's inode,
-# and `caddy reload` would read the old config.
+# A directory mount in the proxy container (at /etc/caddy): a file mount would keep the replaced
+# file's inode, and Caddy would go on reading the old config or token.
 caddyfile=$config_dir/proxy/Caddyfile
 caddyfile_in_container=/etc/caddy/Caddyfile
+# Root only (mode 0600, owner root): Caddy's image runs as root, and nothing else needs it.
+token_file=$config_dir/proxy/token
+# RFC 6750 token68, as the proxy's pattern wants it; also keeps a newline or space out of the file.
+token68='^[A-Za-z0-9._~+/-]+=*$'
 compose=(docker compose --file "$compose_file")
 
 log() { printf 'chroma-apply: %s\n' "$*"; }
@@ -49,9 +58,10 @@ fail() {
 	exit 1
 }
 
-for name in CHROMA_IMAGE CHROMA_CADDYFILE_B64 CHROMA_COMPOSE_B64; do
+for name in CHROMA_IMAGE CHROMA_CADDYFILE_B64 CHROMA_AUTH_TOKEN CHROMA_COMPOSE_B64; do
 	[[ -n ${!name:-} ]] || fail "$name is empty: the run command must pass it (components/runtime_config.py)"
 done
+[[ $CHROMA_AUTH_TOKEN =~ $token68 ]] || fail "CHROMA_AUTH_TOKEN is not RFC 6750 token68 (letters, digits, -._~+/ and trailing =); it is not shown"
 
 wait_for_boot() {
 	local deadline=$((SECONDS + boot_wait_seconds))
@@ -100,7 +110,13 @@ apply_proxy_config() {
 		mv -f -- "$caddyfile.previous" "$caddyfile"
 		fail "Caddy refused the new proxy config; the previous one stays in force"
 	fi
-	log "proxy config reloaded in place (token, header or email); connections stay open, Chroma untouched"
+	log "proxy config reloaded in place (header or email); Chroma untouched"
+}
+
+apply_token() {
+	differs "$staged/token" "$token_file" || return 0
+	replace_file "$token_file" <"$staged/token"
+	log "token replaced; Caddy reads it at each request: no reload, no restart, Chroma untouched"
 }
 
 apply_compose() {
@@ -124,6 +140,7 @@ start_first_time() {
 	log "Chroma is not running: installing the runtime config and starting $unit"
 	pull_if_missing || fail "could not pull $CHROMA_IMAGE"
 	replace_file "$caddyfile" <"$staged/Caddyfile"
+	replace_file "$token_file" <"$staged/token"
 	replace_file "$compose_file" <"$staged/compose.yaml"
 	systemctl start "$unit" || fail "$unit did not start; see journalctl -u $unit and docker compose --file $compose_file logs"
 }
@@ -138,14 +155,17 @@ staged=$(mktemp -d "$config_dir/.staged.XXXXXX")
 trap 'rm -rf -- "$staged"' EXIT
 base64 --decode <<<"$CHROMA_CADDYFILE_B64" >"$staged/Caddyfile" || fail "CHROMA_CADDYFILE_B64 is not base64"
 base64 --decode <<<"$CHROMA_COMPOSE_B64" >"$staged/compose.yaml" || fail "CHROMA_COMPOSE_B64 is not base64"
+printf '%s\n' "$CHROMA_AUTH_TOKEN" >"$staged/token"
 
 if ! systemctl is-active --quiet "$unit"; then
 	start_first_time
 else
-	if ! differs "$staged/Caddyfile" "$caddyfile" && ! differs "$staged/compose.yaml" "$compose_file"; then
+	if ! differs "$staged/Caddyfile" "$caddyfile" && ! differs "$staged/token" "$token_file" &&
+		! differs "$staged/compose.yaml" "$compose_file"; then
 		log "runtime config unchanged; nothing to do"
 	fi
 	apply_proxy_config
+	apply_token
 	apply_compose
 fi
 

@@ -10,7 +10,7 @@ disk (ZRS) and the public IP span all zones, so a change of zone replaces the VM
 The VM's custom data is only the bootstrap (components/cloud_config.py). What changes with the
 settings (token, header, acmeEmail, chromaVersion, OTel) reaches the running VM through a managed
 run command (components/runtime_config.py), which Azure re-runs whenever its input changes: a
-token rotation is a proxy reload, not a new VM.
+token rotation replaces the file the proxy reads the token from, not the VM.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import pulumi_azure_native.network as network
 import pulumi_azure_native.resources as resources
 import pulumi_random as random
 
-from components import credentials, runtime_config, sizing, zones
+from components import credentials, runtime, runtime_config, sizing, zones
 from components.backup import DataDiskBackup, DataDiskBackupArgs
-from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config
-from components.runtime import HEARTBEAT_PATH, chroma_image
+from components.cloud_config import MAX_CUSTOM_DATA_BYTES, render_cloud_config, render_compose
+from components.runtime import HEARTBEAT_PATH
 from components.settings import Settings
 
 DATA_DISK_LUN = 0
@@ -307,20 +307,20 @@ class ChromaAzureVm(pulumi.ComponentResource):
         fqdn: pulumi.Output[str],
         tags: dict[str, str],
     ) -> compute.VirtualMachineRunCommandByVirtualMachine:
-        """The run command that delivers the proxy config and the compose file to the running VM."""
+        """The run command that delivers the proxy config, the token and the compose file to the running VM."""
         settings = self._settings
 
-        def protected(values: list[str]) -> list[dict[str, str]]:
-            command = runtime_config.render_run_command(
-                fqdn=values[0],
-                chroma_version=settings.chroma_version,
-                auth_header=settings.auth_header,
-                token=values[1],
-                otel=settings.otel,
-                acme_email=settings.acme_email,
-            )
-            return [{"name": name, "value": value} for name, value in command.protected_parameters.items()]
+        def pairs(parameters: dict[str, str]) -> list[dict[str, str]]:
+            return [{"name": name, "value": value} for name, value in parameters.items()]
 
+        # Rendered apart, so that nothing secret flows into the plain parameters (an output derived
+        # from a secret is secret as a whole): the proxy config from the FQDN, the secrets from the token.
+        caddyfile = fqdn.apply(
+            lambda name: runtime.render_caddyfile(
+                runtime_config.vm_site(name), settings.auth_header, settings.acme_email
+            )
+        )
+        compose = render_compose(settings.chroma_version, settings.otel)
         return compute.VirtualMachineRunCommandByVirtualMachine(
             f"{self._name}-runtime",
             resource_group_name=group.name,
@@ -328,13 +328,14 @@ class ChromaAzureVm(pulumi.ComponentResource):
             run_command_name=runtime_config.RUN_COMMAND_NAME,
             location=settings.location,
             source=compute.VirtualMachineRunCommandScriptSourceArgs(script=runtime_config.RUN_COMMAND_SCRIPT),
-            # In the clear, so a plan shows a version change; everything else is in the secret files.
-            parameters=[
-                compute.RunCommandInputParameterArgs(
-                    name=runtime_config.IMAGE_PARAMETER, value=chroma_image(settings.chroma_version)
-                )
-            ],
-            protected_parameters=pulumi.Output.secret(pulumi.Output.all(fqdn, self.auth_token).apply(protected)),
+            # In the clear, so a plan shows a version, header or email change; the token and the
+            # compose file (OTel headers) only as secrets.
+            parameters=caddyfile.apply(
+                lambda text: pairs(runtime_config.plain_parameters(text, settings.chroma_version))
+            ),
+            protected_parameters=pulumi.Output.secret(
+                self.auth_token.apply(lambda token: pairs(runtime_config.protected_parameters(token, compose)))
+            ),
             timeout_in_seconds=runtime_config.RUN_COMMAND_TIMEOUT_SECONDS,
             # A failed apply (for example a version that never became healthy and was rolled back)
             # fails `pulumi up`, instead of passing with the old version still running.

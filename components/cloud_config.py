@@ -2,8 +2,8 @@
 
 The cloud-config holds only what does not change with the deployment's settings: packages, the
 systemd units, the disk script and the apply script. Azure cannot update a VM's custom data, so
-anything in it that changed would replace the VM. The proxy config and the compose file (the token,
-the Chroma version, OTel) reach the running VM through the run command (components/runtime_config.py).
+anything in it that changed would replace the VM. The proxy config, the token and the compose file
+(the Chroma version, OTel) reach the running VM through the run command (components/runtime_config.py).
 
 It is built as Python data and emitted with yaml.safe_dump; base64 happens only at the VM
 boundary, in the component.
@@ -25,10 +25,13 @@ DATA_MOUNT = "/srv/chroma"
 CHROMA_DATA_DIR = f"{DATA_MOUNT}/data"
 CADDY_DATA_DIR = f"{DATA_MOUNT}/caddy"
 COMPOSE_FILE = f"{CONFIG_DIR}/compose.yaml"
-# The proxy mounts this directory, not the file: a file mount would keep the old inode when the
-# apply script replaces the file, and `caddy reload` would read the old config.
+# The proxy mounts this directory at /etc/caddy, not its files: a file mount would keep the old
+# inode when the apply script replaces a file, and Caddy would go on reading the old config or token.
 PROXY_CONFIG_DIR = f"{CONFIG_DIR}/proxy"
+PROXY_CONFIG_MOUNT = "/etc/caddy"
 CADDYFILE = f"{PROXY_CONFIG_DIR}/Caddyfile"
+# runtime.PROXY_TOKEN_FILE as the VM sees it.
+TOKEN_FILE = f"{PROXY_CONFIG_DIR}/token"
 DISK_SCRIPT = "/usr/local/sbin/chroma-prepare-data-disk"
 # On the host for the operator (verify, repair; README's runbook), and mounted into the guard.
 DATA_TOOL = "/usr/local/sbin/chroma-data"
@@ -95,7 +98,7 @@ def render_compose(chroma_version: str, otel: OtelSettings | None) -> str:
                 "restart": "unless-stopped",
                 "ports": ["80:80", "443:443"],
                 "volumes": [
-                    _bind(PROXY_CONFIG_DIR, "/etc/caddy", read_only=True),
+                    _bind(PROXY_CONFIG_DIR, PROXY_CONFIG_MOUNT, read_only=True),
                     _bind(CADDY_DATA_DIR, "/data"),
                 ],
                 "healthcheck": _healthcheck(runtime.PROXY_HEALTHCHECK),

@@ -24,6 +24,9 @@ from components.settings import Settings
 PROXY_CONTAINER_PORT = 8080
 LOCAL_SITE = ProxySite(site_address=f"http://:{PROXY_CONTAINER_PORT}")
 CADDYFILE_PATH = "/etc/caddy/Caddyfile"
+# Root only, as on the VM; Caddy's image runs as root. A new token re-creates the proxy container here
+# (its uploads change), where the VM's proxy reads the replaced file without a restart.
+TOKEN_FILE_PERMISSIONS = "0600"  # noqa: S105 - a file mode, not a secret
 # `pulumi up` returns once both containers report healthy, or fails after this long.
 HEALTHY_WITHIN_SECONDS = 180
 
@@ -79,9 +82,7 @@ class ChromaLocalDocker(pulumi.ComponentResource):
         proxy_image = docker.RemoteImage(f"{name}-proxy-image", name=runtime.CADDY_IMAGE, keep_locally=True, opts=child)
         guard_image = docker.RemoteImage(f"{name}-guard-image", name=runtime.GUARD_IMAGE, keep_locally=True, opts=child)
         data = docker.ContainerVolumeArgs(volume_name=volume.name, container_path=runtime.CHROMA_DATA_PATH)
-        caddyfile = self.auth_token.apply(
-            lambda token: runtime.render_caddyfile(LOCAL_SITE, args.auth_header, token, args.acme_email)
-        )
+        token_file = self.auth_token.apply(runtime.token_file_content)
         # The proxy owns the network namespace that Chroma and the guard join: it restarts far less
         # often than Chroma, and a container that joins a namespace loses it when the owner restarts.
         proxy = docker.Container(
@@ -89,7 +90,16 @@ class ChromaLocalDocker(pulumi.ComponentResource):
             name=f"{prefix}-proxy",
             image=proxy_image.image_id,
             ports=[docker.ContainerPortArgs(internal=PROXY_CONTAINER_PORT, external=args.host_port, ip="127.0.0.1")],
-            uploads=[docker.ContainerUploadArgs(file=CADDYFILE_PATH, content=pulumi.Output.secret(caddyfile))],
+            uploads=[
+                docker.ContainerUploadArgs(
+                    file=CADDYFILE_PATH, content=runtime.render_caddyfile(LOCAL_SITE, args.auth_header, args.acme_email)
+                ),
+                docker.ContainerUploadArgs(
+                    file=LOCAL_SITE.token_file,
+                    content=pulumi.Output.secret(token_file),
+                    permissions=TOKEN_FILE_PERMISSIONS,
+                ),
+            ],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
             healthcheck=_healthcheck(runtime.PROXY_HEALTHCHECK),
             restart="unless-stopped",

@@ -19,6 +19,9 @@ CHROMA_PORT = 8000
 PROXY_HEALTH_PORT = 2020
 # The VM's proxy takes `caddy reload` here (inside its container); the local stack has no admin API.
 PROXY_ADMIN_SOCKET = "/run/caddy-admin.sock"
+# Inside the proxy's container, beside the Caddyfile: the token, which Caddy reads at every request,
+# so that replacing this file rotates the token without a reload. Root only; Caddy's image runs as root.
+PROXY_TOKEN_FILE = "/etc/caddy/token"  # noqa: S105 - a path, not a secret
 HEARTBEAT_PATH = "/api/v2/heartbeat"
 CADDY_IMAGE = "caddy:2.10.2"
 CHROMA_IMAGE_REPOSITORY = "chromadb/chroma"
@@ -59,6 +62,10 @@ X_CHROMA_TOKEN = "X-Chroma-Token"  # noqa: S105 - a header name, not a secret
 AUTH_HEADERS = (AUTHORIZATION, X_CHROMA_TOKEN)
 # RFC 6750 token68: what may follow "Bearer " without quoting, and all a token may hold.
 TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+# The same shape as RE2 in the Caddyfile, without backslashes (which its quoting would have to carry).
+TOKEN68_CAPTURE = "([-A-Za-z0-9._~+/]+=*)"
+# Where the token file may live: a plain absolute path, safe inside a Caddyfile placeholder.
+TOKEN_FILE_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 
 # The Chroma image has bash but no curl: speak HTTP over bash's /dev/tcp and want a 200. Healthy
 # also needs the guard's ready file: the proxy (which waits for healthy) opens only after the
@@ -105,6 +112,7 @@ class ProxySite:
 
     The ports and bind address are for running on loopback, where 80 and 443 are not ours. With
     `admin_socket`, Caddy takes `caddy reload` on that unix socket; without it, its admin API is off.
+    `token_file` is where Caddy reads the token, as its own process sees the filesystem.
     """
 
     site_address: str
@@ -116,6 +124,7 @@ class ProxySite:
     bind_address: str | None = None
     health_port: int = PROXY_HEALTH_PORT
     admin_socket: str | None = None
+    token_file: str = PROXY_TOKEN_FILE
 
 
 # The crates Chroma 1.5's tracing filter lists, each at trace by default
@@ -182,29 +191,37 @@ def auth_value(auth_header: str, token: str) -> str:
     return f"Bearer {token}" if auth_header == AUTHORIZATION else token
 
 
-def auth_pattern(auth_header: str, token: str) -> str:
-    """The RE2 pattern the proxy matches the auth header against: any case of `Bearer`, the exact token.
+def auth_pattern(auth_header: str) -> str:
+    """The RE2 pattern the proxy matches the auth header against, capturing the token it carries.
 
-    Each punctuation character of the token goes in a one-character class, so the pattern needs no
-    backslashes (which the Caddyfile's quoting would have to carry).
+    Any case of `Bearer` for Authorization; a token68 token, which the capture holds (never empty).
     """
-    literal = "".join(char if char.isalnum() else f"[{char}]" for char in token)
-    return f"^(?i:bearer) +{literal}$" if auth_header == AUTHORIZATION else f"^{literal}$"
+    return f"^(?i:bearer) +{TOKEN68_CAPTURE}$" if auth_header == AUTHORIZATION else f"^{TOKEN68_CAPTURE}$"
 
 
-def render_caddyfile(
-    site: ProxySite,
-    auth_header: str,
-    token: str,
-    acme_email: str | None = None,
-) -> str:
-    """The proxy config: TLS, the open heartbeat, the token check, 401 for the rest."""
-    if auth_header not in AUTH_HEADERS:
-        raise ValueError(f"auth_header must be one of {AUTH_HEADERS}, not {auth_header!r}")
+def checked_token(token: str) -> str:
+    """The token, once it is known to be one the proxy can compare: non-empty RFC 6750 token68."""
     if not token:
         raise ValueError("an empty token would let every request through")
     if not TOKEN68.match(token):
         raise ValueError("the token must be RFC 6750 token68 (letters, digits, -._~+/ and trailing =)")
+    return token
+
+
+def token_file_content(token: str) -> str:
+    """The token file's bytes, as chroma-apply writes them too: the token and a newline (Caddy trims it)."""
+    return checked_token(token) + "\n"
+
+
+def render_caddyfile(site: ProxySite, auth_header: str, acme_email: str | None = None) -> str:
+    """The proxy config: TLS, the open heartbeat, the token check against the token file, 401 for the rest.
+
+    It holds no secret: the token lives in `site.token_file` (see `token_file_content`).
+    """
+    if auth_header not in AUTH_HEADERS:
+        raise ValueError(f"auth_header must be one of {AUTH_HEADERS}, not {auth_header!r}")
+    if not TOKEN_FILE_PATH.match(site.token_file):
+        raise ValueError(f"token_file must be an absolute path of letters, digits and ._-, not {site.token_file!r}")
     challenge = 'Bearer realm="chroma"' if auth_header == AUTHORIZATION else "Token"
     return _TEMPLATES.get_template("Caddyfile.j2").render(
         site=site,
@@ -212,7 +229,7 @@ def render_caddyfile(
         heartbeat_path=HEARTBEAT_PATH,
         auth_header=auth_header,
         auth_headers=AUTH_HEADERS,
-        auth_pattern=auth_pattern(auth_header, token),
+        auth_pattern=auth_pattern(auth_header),
         challenge=challenge.replace('"', '\\"'),
     )
 

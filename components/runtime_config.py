@@ -1,11 +1,12 @@
 """The runtime config a running VM gets through its run command, and that run command's input.
 
 Everything that changes with the deployment's settings (the token, the auth header, acmeEmail, the
-Chroma version, OTel) lives in two files on the VM, the proxy config and the compose file. They
-travel as run command parameters, and /usr/local/sbin/chroma-apply (cloud-init/chroma-apply.sh,
-shipped in the bootstrap) puts them in place with the least disruption. Both files go in
-protected parameters: the proxy config holds the token, and the compose file may hold OTel headers.
-The image is also a plain parameter, so a plan shows a version change in the clear.
+Chroma version, OTel) lives in three files on the VM: the proxy config, the token file the proxy
+reads at each request, and the compose file. They travel as run command parameters, and
+/usr/local/sbin/chroma-apply (cloud-init/chroma-apply.sh, shipped in the bootstrap) puts them in
+place with the least disruption. The token and the compose file (which may hold OTel headers) go in
+protected parameters; the proxy config holds no secret, so it is a plain parameter beside the image,
+and a plan shows a version, header or email change apart from a token rotation.
 
 `render_run_command` gives exactly what Azure's agent is handed; `as_guest_script` turns it into
 one script that does in a guest what the agent does (parameters as environment variables, then the
@@ -32,6 +33,8 @@ RUN_COMMAND_TIMEOUT_SECONDS = 2400
 IMAGE_PARAMETER = "CHROMA_IMAGE"
 CADDYFILE_PARAMETER = "CHROMA_CADDYFILE_B64"
 COMPOSE_PARAMETER = "CHROMA_COMPOSE_B64"
+# The token as is: token68 needs no encoding to travel in an environment variable.
+TOKEN_PARAMETER = "CHROMA_AUTH_TOKEN"  # noqa: S105 - a parameter name, not a secret
 
 
 def vm_site(fqdn: str) -> ProxySite:
@@ -41,10 +44,11 @@ def vm_site(fqdn: str) -> ProxySite:
 
 @dataclass(frozen=True)
 class RuntimeFiles:
-    """The two files chroma-apply installs: the proxy config and the compose file."""
+    """What chroma-apply installs: the proxy config, the compose file, and the token for the token file."""
 
     caddyfile: str = field(repr=False)
     compose: str = field(repr=False)
+    token: str = field(repr=False)
 
 
 def render_runtime_files(
@@ -56,10 +60,11 @@ def render_runtime_files(
     otel: OtelSettings | None,
     acme_email: str | None,
 ) -> RuntimeFiles:
-    """The proxy config for `site` and the compose file, from the one runtime renderer."""
+    """The proxy config for `site`, the compose file and the token, from the one runtime renderer."""
     return RuntimeFiles(
-        caddyfile=runtime.render_caddyfile(site, auth_header, token, acme_email),
+        caddyfile=runtime.render_caddyfile(site, auth_header, acme_email),
         compose=cloud_config.render_compose(chroma_version, otel),
+        token=runtime.checked_token(token),
     )
 
 
@@ -80,12 +85,22 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
+def plain_parameters(caddyfile: str, chroma_version: str) -> dict[str, str]:
+    """The run command's parameters that hold no secret: the image and the proxy config."""
+    return {IMAGE_PARAMETER: runtime.chroma_image(chroma_version), CADDYFILE_PARAMETER: _b64(caddyfile)}
+
+
+def protected_parameters(token: str, compose: str) -> dict[str, str]:
+    """The run command's secret parameters: the token, and the compose file (it may hold OTel headers)."""
+    return {TOKEN_PARAMETER: runtime.checked_token(token), COMPOSE_PARAMETER: _b64(compose)}
+
+
 def run_command_for(files: RuntimeFiles, chroma_version: str) -> RunCommand:
     """The run command that installs `files` and expects Chroma's image for `chroma_version`."""
     return RunCommand(
         script=RUN_COMMAND_SCRIPT,
-        parameters={IMAGE_PARAMETER: runtime.chroma_image(chroma_version)},
-        protected_parameters={CADDYFILE_PARAMETER: _b64(files.caddyfile), COMPOSE_PARAMETER: _b64(files.compose)},
+        parameters=plain_parameters(files.caddyfile, chroma_version),
+        protected_parameters=protected_parameters(files.token, files.compose),
     )
 
 

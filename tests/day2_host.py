@@ -4,7 +4,9 @@ No image can be pulled here, so the containers are the programs the images run: 
 `chroma` is a real `chroma run` (the chromadb wheel, the pinned version) and `proxy` is a real
 `caddy run`, started from the compose file chroma-apply installed, with its bind mounts mapped to
 test folders and its environment passed as compose would. `caddy reload` inside the proxy is a
-real `caddy reload` on the mounted Caddyfile, through the admin socket the Caddyfile names.
+real `caddy reload` on the mounted Caddyfile, through the admin socket the Caddyfile names, and is
+counted (state.json's "reloads"), so a test can tell a reload from a change that needed none. The
+Caddyfile names the token file by its path in the test folder (a ProxySite parameter).
 
 What it does not do, and so what these tests do not show: Docker's own start and stop time for a
 container, health checks run by Docker (here: Chroma's heartbeat and the proxy's port), and
@@ -47,6 +49,7 @@ class Host:
         self.state.setdefault("pulled", [])
         self.state.setdefault("services", {})
         self.state.setdefault("units", [])
+        self.state.setdefault("reloads", 0)
 
     def save(self) -> None:
         (self.root / "state.json").write_text(json.dumps(self.state, indent=1))
@@ -302,6 +305,7 @@ def _compose(host: Host, compose_file: Path, arguments: list[str]) -> int:
             proxy = yaml.safe_load(compose_file.read_text())["services"]["proxy"]
             mounted = _mounts(host, proxy)["/etc/caddy"] / Path(config).relative_to("/etc/caddy")
             command = [host.config["caddy"], "reload", "--config", str(mounted), "--adapter", "caddyfile"]
+            host.state["reloads"] += 1
             return subprocess.run(command, env=_caddy_env(host), check=False).returncode
     raise SystemExit(f"day2_host: docker compose {' '.join(arguments)} is not a verb chroma-apply uses")
 

@@ -26,7 +26,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from components.runtime import HEARTBEAT_PATH, ProxySite, render_caddyfile
+from components.runtime import HEARTBEAT_PATH, ProxySite, render_caddyfile, token_file_content
 
 LOOPBACK = "127.0.0.1"
 CHROMA = Path(sys.executable).with_name("chroma")
@@ -159,9 +159,24 @@ def caddy_binary() -> str:
     return str(PINNED_CADDY)
 
 
+# Root without the two capabilities that read any file: file modes bind it as they bind any other
+# user, so a test can make a file unreadable to Caddy. (Other users are bound by them anyway.)
+WITHOUT_FILE_OVERRIDE = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
+
+
 @contextlib.contextmanager
-def caddy_server(workdir: Path, caddyfile: str, ports: list[int], timeout: float = 30) -> Iterator[Caddy]:
-    """`caddy run` on the rendered Caddyfile, with its state in `workdir`; waits for `ports`."""
+def caddy_server(
+    workdir: Path, caddyfile: str, ports: list[int], timeout: float = 30, *, file_modes_bind: bool = False
+) -> Iterator[Caddy]:
+    """`caddy run` on the rendered Caddyfile, with its state in `workdir`; waits for `ports`.
+
+    With `file_modes_bind`, Caddy runs without root's power to read any file, whoever runs the tests.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     server = Caddy(caddyfile=workdir / "Caddyfile", data_dir=workdir / "caddy-data", log=workdir / "caddy.log")
     server.caddyfile.write_text(caddyfile, encoding="utf-8")
@@ -172,8 +187,9 @@ def caddy_server(workdir: Path, caddyfile: str, ports: list[int], timeout: float
         "XDG_CONFIG_HOME": str(workdir / "caddy-config"),
     }
     with server.log.open("w") as log:
+        wrapper = WITHOUT_FILE_OVERRIDE if file_modes_bind and os.geteuid() == 0 else []
         process = subprocess.Popen(
-            [caddy_binary(), "run", "--config", str(server.caddyfile), "--adapter", "caddyfile"],
+            [*wrapper, caddy_binary(), "run", "--config", str(server.caddyfile), "--adapter", "caddyfile"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -187,8 +203,16 @@ def caddy_server(workdir: Path, caddyfile: str, ports: list[int], timeout: float
         _stop(process)
 
 
-def loopback_tls_site(upstream: str, site_address: str = "localhost") -> ProxySite:
-    """The VM's proxy site moved to loopback: Caddy's internal CA instead of ACME, and free ports."""
+def write_token_file(path: Path, token: str) -> str:
+    """The file the proxy reads the token from, as chroma-apply writes it (root only); returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token_file_content(token), encoding="utf-8")
+    path.chmod(0o600)
+    return str(path)
+
+
+def loopback_tls_site(upstream: str, *, token_file: str, site_address: str = "localhost") -> ProxySite:
+    """The VM's proxy site moved to loopback: Caddy's internal CA instead of ACME, free ports, a local token file."""
     return ProxySite(
         site_address=site_address,
         upstream=upstream,
@@ -197,17 +221,26 @@ def loopback_tls_site(upstream: str, site_address: str = "localhost") -> ProxySi
         http_port=free_port(),
         https_port=free_port(),
         health_port=free_port(),
+        token_file=token_file,
     )
 
 
 @contextlib.contextmanager
 def tls_proxy(
-    workdir: Path, upstream: str, auth_header: str, token: str, acme_email: str | None = None
+    workdir: Path,
+    upstream: str,
+    auth_header: str,
+    token: str,
+    acme_email: str | None = None,
+    *,
+    file_modes_bind: bool = False,
 ) -> Iterator[tuple[ProxySite, Caddy]]:
-    """Caddy on the VM's rendered Caddyfile, moved to loopback, in front of `upstream`."""
-    site = loopback_tls_site(upstream)
-    caddyfile = render_caddyfile(site, auth_header, token, acme_email)
-    with caddy_server(workdir, caddyfile, [site.https_port, site.http_port, site.health_port]) as caddy:
+    """Caddy on the VM's rendered Caddyfile, moved to loopback, in front of `upstream`; the token in workdir/token."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    site = loopback_tls_site(upstream, token_file=write_token_file(workdir / "token", token))
+    caddyfile = render_caddyfile(site, auth_header, acme_email)
+    ports = [site.https_port, site.http_port, site.health_port]
+    with caddy_server(workdir, caddyfile, ports, file_modes_bind=file_modes_bind) as caddy:
         wait_until(caddy.local_ca.exists, 30, "Caddy's internal CA")
         # The port opens before the site's certificate is issued; until then handshakes fail.
         wait_until(

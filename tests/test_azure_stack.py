@@ -4,9 +4,9 @@ import base64
 
 import pytest
 import yaml
-from conftest import MOCK_TOKEN, PROJECT, is_secret_input, plain, run_program, vm_runtime_files
+from conftest import MOCK_TOKEN, PROJECT, is_secret_input, plain, run_command_parameters, run_program, vm_runtime_files
 
-from components import cloud_config, runtime
+from components import cloud_config, runtime, runtime_config
 
 VM = "azure-native:compute:VirtualMachine"
 DISK = "azure-native:compute:Disk"
@@ -123,7 +123,9 @@ def test_custom_data_is_the_bootstrap_only_and_the_run_command_carries_the_proxy
     assert MOCK_TOKEN not in vm_cloud_config(dev_run), "custom data is not for secrets"
     caddyfile = vm_runtime_files(dev_run)[cloud_config.CADDYFILE]
     assert f"\n{dev_run.outputs['fqdn']} {{" in caddyfile
-    assert f'"{runtime.auth_pattern("Authorization", MOCK_TOKEN)}"' in caddyfile
+    assert f'header_regexp token Authorization "{runtime.auth_pattern("Authorization")}"' in caddyfile
+    assert MOCK_TOKEN not in caddyfile
+    assert run_command_parameters(dev_run)[runtime_config.TOKEN_PARAMETER] == MOCK_TOKEN
 
 
 def test_data_disk_is_empty_attached_by_lun_detached_on_delete_and_protected(dev_run):
@@ -201,7 +203,8 @@ def test_configured_token_and_key_are_used_and_nothing_is_generated():
     assert "sshPrivateKey" not in run.outputs
     assert plain(run.one(VM).inputs)["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"] == key
     caddyfile = vm_runtime_files(run)[cloud_config.CADDYFILE]
-    assert f'header_regexp X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token", token)}"' in caddyfile
+    assert f'header_regexp token X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token")}"' in caddyfile
+    assert run_command_parameters(run)[runtime_config.TOKEN_PARAMETER] == token
 
 
 def test_otel_settings_reach_the_vm():

@@ -215,14 +215,15 @@ def test_granularity_all_keeps_chromas_default():
 @pytest.mark.parametrize(
     ("auth_header", "matcher"),
     [
-        ("Authorization", f'header_regexp Authorization "^(?i:bearer) +{TOKEN}$"'),
-        ("X-Chroma-Token", f'header_regexp X-Chroma-Token "^{TOKEN}$"'),
+        ("Authorization", 'header_regexp token Authorization "^(?i:bearer) +([-A-Za-z0-9._~+/]+=*)$"'),
+        ("X-Chroma-Token", 'header_regexp token X-Chroma-Token "^([-A-Za-z0-9._~+/]+=*)$"'),
     ],
 )
 def test_caddyfile_serves_the_fqdn_and_checks_the_configured_header(auth_header, matcher):
     caddyfile = runtime_files(auth_header=auth_header).caddyfile
     assert f"\n{FQDN} {{\n" in caddyfile
     assert matcher in caddyfile
+    assert f'@token_valid vars {{re.token.1}} "{{file.{runtime.PROXY_TOKEN_FILE}}}"' in caddyfile
     assert "tls internal" not in caddyfile
     assert "auto_https off" not in caddyfile
     assert "reverse_proxy 127.0.0.1:8000" in caddyfile
@@ -238,9 +239,40 @@ def test_acme_email_reaches_caddy_only_when_set():
     assert "cert_issuer acme\n" in without, "without an email, only Let's Encrypt: ZeroSSL needs one"
 
 
-def test_empty_token_is_never_rendered():
-    with pytest.raises(ValueError, match="empty token"):
-        runtime.render_caddyfile(runtime.ProxySite(FQDN), "Authorization", "")
+def test_the_caddyfile_holds_no_token_and_the_token_travels_apart():
+    files = runtime_files()
+    assert TOKEN not in files.caddyfile
+    assert files.token == TOKEN
+    assert runtime.token_file_content(TOKEN) == TOKEN + "\n", "Caddy's file placeholder trims one newline"
+    # The proxy container sees the VM's token file at the path the Caddyfile names.
+    (config_mount,) = [
+        volume for volume in compose_of(files)["services"]["proxy"]["volumes"] if volume["target"] == "/etc/caddy"
+    ]
+    assert config_mount == {
+        "type": "bind",
+        "source": cloud_config.PROXY_CONFIG_DIR,
+        "target": cloud_config.PROXY_CONFIG_MOUNT,
+        "read_only": True,
+        "bind": {"create_host_path": False},
+    }, "a directory mount: a file mount would keep the replaced token file's inode"
+    in_container = cloud_config.TOKEN_FILE.replace(cloud_config.PROXY_CONFIG_DIR, cloud_config.PROXY_CONFIG_MOUNT, 1)
+    assert in_container == runtime_config.vm_site(FQDN).token_file == runtime.PROXY_TOKEN_FILE
+
+
+@pytest.mark.parametrize("token", ["", "two words", "line\nend", 'quote"d', "{file./etc/passwd}", "tök"])
+def test_a_token_the_proxy_cannot_compare_is_refused(token):
+    with pytest.raises(ValueError, match=r"empty token|token68"):
+        runtime.token_file_content(token)
+    with pytest.raises(ValueError, match=r"empty token|token68"):
+        runtime_config.render_run_command(
+            fqdn=FQDN, chroma_version="1.5.9", auth_header="Authorization", token=token, otel=None, acme_email=None
+        )
+
+
+@pytest.mark.parametrize("path", ["etc/caddy/token", "/etc/caddy/to ken", "/etc/caddy/}", '/etc/"x', "/"])
+def test_a_token_file_path_that_would_break_the_caddyfile_is_refused(path):
+    with pytest.raises(ValueError, match="token_file must be an absolute path"):
+        runtime.render_caddyfile(runtime.ProxySite(FQDN, token_file=path), "Authorization")
 
 
 def test_chroma_starts_through_the_guard_and_stops_gently():

@@ -17,6 +17,7 @@ import pytest
 from conftest import RUN_COMMAND, is_secret_input, run_command_parameters, run_program
 
 from components import runtime_config
+from components.runtime import OtelSettings
 
 VM = "azure-native:compute:VirtualMachine"
 TOKEN = "Day2PlanToken0123456789abcdefghij"
@@ -62,12 +63,35 @@ def test_a_runtime_change_leaves_the_vm_byte_identical_and_reruns_the_run_comman
 
 def test_only_the_run_command_carries_the_runtime_config(before):
     parameters = run_command_parameters(before)
-    assert set(parameters) == {
-        runtime_config.IMAGE_PARAMETER,
-        runtime_config.CADDYFILE_PARAMETER,
-        runtime_config.COMPOSE_PARAMETER,
-    }
+    # What render_run_command gives (the VM tier and the day-2 tests run that), split the same way.
+    expected = runtime_config.render_run_command(
+        fqdn=before.outputs["fqdn"],
+        chroma_version=before.outputs["chromaVersion"],
+        auth_header="Authorization",
+        token=TOKEN,
+        otel=OtelSettings(BASE["otelEndpoint"], "chromadb"),
+        acme_email=BASE["acmeEmail"],
+    )
+    for name in (runtime_config.IMAGE_PARAMETER, runtime_config.CADDYFILE_PARAMETER, runtime_config.TOKEN_PARAMETER):
+        assert parameters[name] == expected.environment()[name], name
     command = before.one(RUN_COMMAND)
+    plain_pairs, protected_pairs = command.inputs["parameters"], command.inputs["protectedParameters"]["value"]
+    assert (
+        {pair["name"] for pair in plain_pairs}
+        == set(expected.parameters)
+        == {
+            runtime_config.IMAGE_PARAMETER,
+            runtime_config.CADDYFILE_PARAMETER,
+        }
+    )
+    assert (
+        {pair["name"] for pair in protected_pairs}
+        == set(expected.protected_parameters)
+        == {
+            runtime_config.TOKEN_PARAMETER,
+            runtime_config.COMPOSE_PARAMETER,
+        }
+    )
     assert command.inputs["source"]["script"] == runtime_config.RUN_COMMAND_SCRIPT
     assert command.inputs["vmName"] == before.one(VM).name, "the mock names the VM by its logical name"
     assert any(urn.endswith(f"::{before.one(VM).name}") for urn in command.replace_with), (
@@ -75,14 +99,31 @@ def test_only_the_run_command_carries_the_runtime_config(before):
     )
     assert command.inputs["treatFailureAsDeploymentFailure"] is True, "a failed apply must fail `pulumi up`"
     assert command.inputs["asyncExecution"] is False
-    assert is_secret_input(command.inputs["protectedParameters"]), "the proxy config holds the token"
-    assert not is_secret_input(command.inputs["parameters"]), "the image stays readable in a plan"
+    assert is_secret_input(command.inputs["protectedParameters"]), "the token and OTel headers"
+    assert not is_secret_input(command.inputs["parameters"]), "the image and the proxy config stay readable in a plan"
 
 
-def test_the_version_is_readable_in_the_plan_and_the_files_are_not():
+def test_the_version_is_readable_in_the_plan_and_the_token_is_not():
     after = run_program("dev", {**BASE, "chromaVersion": "1.5.8"}, SECRETS)
-    (image,) = after.one(RUN_COMMAND).inputs["parameters"]
+    image, _ = after.one(RUN_COMMAND).inputs["parameters"]
     assert image == {"name": runtime_config.IMAGE_PARAMETER, "value": "chromadb/chroma:1.5.8"}
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"),
+    [
+        ({"authToken": ROTATED}, {runtime_config.TOKEN_PARAMETER}),
+        ({"authHeader": "X-Chroma-Token"}, {runtime_config.CADDYFILE_PARAMETER}),
+        ({"acmeEmail": "platform@example.com"}, {runtime_config.CADDYFILE_PARAMETER}),
+        ({"otelServiceName": "vectors"}, {runtime_config.COMPOSE_PARAMETER}),
+        ({"chromaVersion": "1.5.8"}, {runtime_config.IMAGE_PARAMETER, runtime_config.COMPOSE_PARAMETER}),
+    ],
+    ids=["authToken", "authHeader", "acmeEmail", "otelServiceName", "chromaVersion"],
+)
+def test_each_change_reaches_only_its_own_parameters(before, change, changed):
+    """A rotation changes the token alone, so chroma-apply swaps the token file and reloads nothing."""
+    old, new = run_command_parameters(before), run_command_parameters(run_program("dev", {**BASE, **change}, SECRETS))
+    assert {name for name in old if old[name] != new[name]} == changed
 
 
 def leaks(value: Any, secret: str, where: str) -> list[str]:
@@ -133,7 +174,13 @@ def test_secrets_appear_only_inside_secret_values(secret, overrides):
     custom_data = run.one(VM).inputs["osProfile"]["customData"]
     assert not is_secret_input(custom_data), "custom data holds no secret, so it stays readable"
     assert secret not in base64.b64decode(custom_data).decode()
-    # And it does reach the VM, inside the protected parameters.
+    # And it does reach the VM, inside the protected parameters: the token in its own, as itself.
     protected = run.one(RUN_COMMAND).inputs["protectedParameters"]
     assert is_secret_input(protected)
-    assert any(secret in base64.b64decode(pair["value"]).decode() for pair in protected["value"])
+    values = {pair["name"]: pair["value"] for pair in protected["value"]}
+    if secret == TOKEN:
+        assert values[runtime_config.TOKEN_PARAMETER] == TOKEN
+        compose = base64.b64decode(values[runtime_config.COMPOSE_PARAMETER]).decode()
+        assert TOKEN not in compose, "the token travels in one parameter only"
+    else:
+        assert secret in base64.b64decode(values[runtime_config.COMPOSE_PARAMETER]).decode()

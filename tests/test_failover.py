@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from live import LOOPBACK, Chroma, caddy_binary, chroma_server, free_port
+from live import LOOPBACK, Chroma, caddy_binary, chroma_server, free_port, write_token_file
 
 from components.runtime import AUTHORIZATION, ProxySite, render_caddyfile
 
@@ -80,18 +80,19 @@ def checkout(tmp_path: Path) -> Path:
 def new_vm(checkout: Path, chroma: Chroma) -> Iterator[dict[str, str]]:
     """What the stand-in `up` boots: Caddy with the rendered config on a loopback port, in front of Chroma."""
     port = free_port()
+    caddy_dir = checkout.parent / "caddy"
+    caddy_dir.mkdir()
     site = ProxySite(
         site_address=f"http://{LOOPBACK}:{port}",
         upstream=f"{LOOPBACK}:{chroma.port}",
         bind_address=LOOPBACK,
         health_port=free_port(),
+        token_file=write_token_file(caddy_dir / "token", TOKEN),
     )
-    caddy_dir = checkout.parent / "caddy"
-    caddy_dir.mkdir()
     # The stand-in's `up` starts caddy by name; give it the one the other runtime tests use.
     (checkout.parent / "bin" / "caddy").symlink_to(caddy_binary())
     caddyfile = caddy_dir / "Caddyfile"
-    caddyfile.write_text(render_caddyfile(site, AUTHORIZATION, TOKEN))
+    caddyfile.write_text(render_caddyfile(site, AUTHORIZATION))
     exports = {"endpoint": f"http://{LOOPBACK}:{port}", "authHeader": AUTHORIZATION, "authToken": TOKEN}
     try:
         yield {

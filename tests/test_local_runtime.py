@@ -1,14 +1,14 @@
 """The local stack's proxy and Chroma, run with the real programs and judged by the smoke test.
 
 The Caddyfile is the one ChromaLocalDocker uploads, rendered with LOCAL_SITE; on loopback only the
-declared ProxySite parameters change (site address, upstream, bind address, health port).
+declared ProxySite parameters change (site address, upstream, bind address, health port, token file).
 """
 
 import dataclasses
 import json
 
 import pytest
-from live import caddy_server, chroma_server, free_port
+from live import caddy_server, chroma_server, free_port, write_token_file
 
 from components import runtime
 from components.local_docker import LOCAL_SITE
@@ -28,8 +28,9 @@ def local_endpoint(tmp_path_factory):
             upstream=f"127.0.0.1:{chroma.port}",
             bind_address="127.0.0.1",
             health_port=health_port,
+            token_file=write_token_file(workdir / "caddy" / "token", TOKEN),
         )
-        caddyfile = runtime.render_caddyfile(site, runtime.AUTHORIZATION, TOKEN)
+        caddyfile = runtime.render_caddyfile(site, runtime.AUTHORIZATION)
         with caddy_server(workdir / "caddy", caddyfile, [port, health_port]):
             yield f"http://127.0.0.1:{port}"
 

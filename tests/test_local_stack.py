@@ -22,11 +22,16 @@ def containers(run):
     return {resource.name: resource for resource in run.of_type(CONTAINER)}
 
 
+def proxy_uploads(run):
+    """The proxy container's uploads, by path in the container."""
+    uploads = plain(containers(run)["chroma-proxy"].inputs)["uploads"]
+    return {upload["file"]: upload for upload in uploads}
+
+
 def uploaded_caddyfile(run):
-    proxy = plain(containers(run)["chroma-proxy"].inputs)
-    (upload,) = proxy["uploads"]
-    assert upload["file"] == "/etc/caddy/Caddyfile"
-    return upload["content"]
+    uploads = proxy_uploads(run)
+    assert set(uploads) == {"/etc/caddy/Caddyfile", runtime.PROXY_TOKEN_FILE}
+    return uploads["/etc/caddy/Caddyfile"]["content"]
 
 
 def test_only_local_resources_under_the_component(local_run):
@@ -143,20 +148,25 @@ def test_otel_env_is_the_vms_and_secret_with_headers():
     )
 
 
-def test_caddyfile_upload_is_secret_and_uses_the_token(local_run):
+def test_the_token_file_upload_is_secret_root_only_and_the_caddyfile_holds_no_token(local_run):
     proxy = containers(local_run)["chroma-proxy"].inputs
-    assert is_secret_input(proxy["uploads"]), "the Caddyfile carries the token"
-    pattern = runtime.auth_pattern("Authorization", MOCK_TOKEN)
-    assert f'header_regexp Authorization "{pattern}"' in uploaded_caddyfile(local_run)
+    assert is_secret_input(proxy["uploads"]), "the token file is uploaded with the Caddyfile"
+    token_file = proxy_uploads(local_run)[runtime.PROXY_TOKEN_FILE]
+    assert token_file["content"] == f"{MOCK_TOKEN}\n"
+    assert token_file["permissions"] == "0600", "root only, as on the VM (Caddy's image runs as root)"
+    caddyfile = uploaded_caddyfile(local_run)
+    assert MOCK_TOKEN not in caddyfile
+    assert f'header_regexp token Authorization "{runtime.auth_pattern("Authorization")}"' in caddyfile
+    assert f'"{{file.{runtime.PROXY_TOKEN_FILE}}}"' in caddyfile
 
 
 def test_local_caddyfile_is_the_vms_but_for_the_declared_parameters(local_run, dev_run):
     local = uploaded_caddyfile(local_run)
     vm = vm_runtime_files(dev_run)[cloud_config.CADDYFILE]
     # Same renderer, same inputs: swapping only the ProxySite turns one into the other, byte for byte.
-    assert runtime.render_caddyfile(LOCAL_SITE, "Authorization", MOCK_TOKEN) == local
+    assert runtime.render_caddyfile(LOCAL_SITE, "Authorization") == local
     vm_site = runtime_config.vm_site(dev_run.outputs["fqdn"])
-    assert runtime.render_caddyfile(vm_site, "Authorization", MOCK_TOKEN) == vm
+    assert runtime.render_caddyfile(vm_site, "Authorization") == vm
     # The VM's proxy takes `caddy reload` on a socket in its own container; the local one has no admin API.
     assert vm_site == ProxySite(site_address=dev_run.outputs["fqdn"], admin_socket=runtime.PROXY_ADMIN_SOCKET)
     changed = [
@@ -198,7 +208,8 @@ def test_configured_token_is_used_and_nothing_is_generated():
     token = "Local-Configured-Token-0123456789"
     run = run_program("local", {"authToken": token, "authHeader": "X-Chroma-Token"}, ("authToken",))
     assert not run.of_type("random:index/randomPassword:RandomPassword")
-    assert f'header_regexp X-Chroma-Token "{runtime.auth_pattern("X-Chroma-Token", token)}"' in uploaded_caddyfile(run)
+    assert 'header_regexp token X-Chroma-Token "' in uploaded_caddyfile(run)
+    assert proxy_uploads(run)[runtime.PROXY_TOKEN_FILE]["content"] == f"{token}\n"
     assert run.outputs["authHeader"] == "X-Chroma-Token"
 
 

@@ -3,9 +3,10 @@
 The apply script is taken from the rendered cloud-config (exactly the bytes the VM gets) and run
 with the environment the run command gives it. It drives real programs: `chroma run` from the
 pinned chromadb wheel and a real Caddy with the VM's proxy template on loopback (Caddy's internal
-CA instead of ACME), through tests/day2_host.py, which plays `docker` and `systemctl` (see its
-docstring for what that stand-in does not show). While each change is applied, clients send
-authenticated requests through the proxy without pause, and the test counts what failed.
+CA instead of ACME, and the token file at its test-folder path), through tests/day2_host.py, which
+plays `docker` and `systemctl` (see its docstring for what that stand-in does not show). While each
+change is applied, clients send authenticated requests through the proxy without pause, and the test
+counts what failed.
 
 The measurements go to build/day2-report.json; README's "Change a running deployment" quotes them.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -43,6 +46,9 @@ UPGRADE_VERSION = f"{pinned_chroma_version()}-day2"
 HEALTHY_WITHIN_SECONDS = 30
 # Clients pause this long between requests: about 100 requests a second each.
 REQUEST_GAP_SECONDS = 0.01
+# Token rotations in a row under load, and the pause between two, so that each stands apart.
+ROTATIONS = 12
+ROTATION_GAP_SECONDS = 0.5
 
 measurements: dict[str, dict] = {}
 
@@ -65,6 +71,11 @@ class Deployment:
         return self.root / "etc-chroma"
 
     @property
+    def token_file(self) -> Path:
+        """The VM's /etc/chroma/proxy/token, which the proxy reads at each request."""
+        return self.config_dir / "proxy" / "token"
+
+    @property
     def base_url(self) -> str:
         return f"https://{self.site.site_address}:{self.site.https_port}"
 
@@ -74,6 +85,15 @@ class Deployment:
 
     def pid(self, service: str) -> int:
         return json.loads((self.root / "state.json").read_text())["services"][service]["pid"]
+
+    def reloads(self) -> int:
+        """How often chroma-apply has asked the proxy container for `caddy reload` (the stand-in counts)."""
+        return json.loads((self.root / "state.json").read_text())["reloads"]
+
+    def caddy_loads(self) -> int:
+        """How many configs Caddy's admin API was sent after its start (each reload is one POST /load)."""
+        log = self.root / "caddy" / "caddy.log"
+        return sum('"uri":"/load"' in line for line in log.read_text().splitlines())
 
     def command(self, **changes) -> runtime_config.RunCommand:
         """The run command for the current settings with `changes`, for the loopback site."""
@@ -99,14 +119,14 @@ class Deployment:
             check=False,
         )
 
-    def client(self, token: str, keep_alive: bool = True) -> httpx.Client:
+    def client(self, token: str | None, keep_alive: bool = True) -> httpx.Client:
         """An httpx client, as chromadb's HttpClient uses, trusting only Caddy's CA.
 
         With keep_alive (httpx's default, and chromadb's) it reuses its connection; without, every
-        request opens a new one.
+        request opens a new one. Without a token, each request names its own.
         """
         trusted = ssl.create_default_context(cafile=str(self.local_ca))
-        headers = {AUTHORIZATION: auth_value(AUTHORIZATION, token)}
+        headers = {AUTHORIZATION: auth_value(AUTHORIZATION, token)} if token else {}
         limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
         return httpx.Client(base_url=self.base_url, verify=trusted, headers=headers, timeout=10, limits=limits)
 
@@ -116,17 +136,32 @@ class Deployment:
 
 @dataclass
 class Result:
-    """One request: when it started and ended, and its status (or the error's name)."""
+    """One request: when it started and ended, its status (or the error's name), and the token it sent.
+
+    `token_after` is the token in force when the answer came: another one means the request raced a
+    rotation.
+    """
 
     start: float
     end: float
     outcome: int | str
+    token: str
+    token_after: str
+
+    @property
+    def raced_a_rotation(self) -> bool:
+        return self.token_after != self.token
 
 
 class Prober(threading.Thread):
-    """Sends the collection's count request without pause until stopped; keeps every result."""
+    """Sends the collection's count request without pause until stopped; keeps every result.
 
-    def __init__(self, deployment: Deployment, token: str, keep_alive: bool = True) -> None:
+    With a `token` it always sends that one. Without, it plays a client that always has the token in
+    force: before each request it reads the deployed token file (the one the proxy reads), and reads it
+    again when the answer comes, so that a request that raced a rotation is known as such.
+    """
+
+    def __init__(self, deployment: Deployment, token: str | None = None, keep_alive: bool = True) -> None:
         super().__init__(daemon=True)
         self.deployment = deployment
         self.token = token
@@ -134,15 +169,20 @@ class Prober(threading.Thread):
         self.results: list[Result] = []
         self.halt = threading.Event()
 
+    def token_in_force(self) -> str:
+        return self.token or self.deployment.token_file.read_text().strip()
+
     def run(self) -> None:
-        with self.deployment.client(self.token, self.keep_alive) as client:
+        with self.deployment.client(None, self.keep_alive) as client:
             while not self.halt.is_set():
+                token = self.token_in_force()
+                headers = {AUTHORIZATION: auth_value(AUTHORIZATION, token)}
                 start = time.monotonic()
                 try:
-                    outcome: int | str = client.get(self.deployment.count_path()).status_code
+                    outcome: int | str = client.get(self.deployment.count_path(), headers=headers).status_code
                 except httpx.HTTPError as error:
                     outcome = type(error).__name__
-                self.results.append(Result(start, time.monotonic(), outcome))
+                self.results.append(Result(start, time.monotonic(), outcome, token, self.token_in_force()))
                 time.sleep(REQUEST_GAP_SECONDS)
 
     def __enter__(self) -> Prober:
@@ -164,6 +204,9 @@ class Prober(threading.Thread):
 
     def failed(self) -> list[Result]:
         return [r for r in self.results if r.outcome != 200]
+
+    def refused(self) -> list[Result]:
+        return [r for r in self.results if r.outcome == 401]
 
     def down_seconds(self) -> float:
         """From the last answer before the first failure to the first answer after the last one."""
@@ -189,8 +232,11 @@ def deployment(tmp_path_factory):
     """A first apply on a fresh stand-in VM: chroma-apply starts chroma.service, with data in it."""
     root = tmp_path_factory.mktemp("day2")
     chroma_port = free_port()
+    # The token file where chroma-apply puts it: the test folder that plays /etc/chroma/proxy.
+    token_file = str(root / "etc-chroma" / "proxy" / "token")
     site = dataclasses.replace(
-        loopback_tls_site(f"127.0.0.1:{chroma_port}"), admin_socket=str(root / "caddy-admin.sock")
+        loopback_tls_site(f"127.0.0.1:{chroma_port}", token_file=token_file),
+        admin_socket=str(root / "caddy-admin.sock"),
     )
     for folder in ("etc-chroma", "srv-chroma/data", "srv-chroma/caddy"):
         (root / folder).mkdir(parents=True)
@@ -236,6 +282,9 @@ def deployment(tmp_path_factory):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "starting chroma.service" in result.stdout
         assert f"running {runtime.chroma_image(running.version)}" in result.stdout
+        assert running.token_file.read_text() == runtime.token_file_content(OLD_TOKEN)
+        assert stat.S_IMODE(running.token_file.stat().st_mode) == 0o600, "root only"
+        assert OLD_TOKEN not in (running.config_dir / "proxy" / "Caddyfile").read_text()
         wait_until(lambda: port_open(site.https_port), 30, "the proxy's HTTPS port")
         wait_until(running.local_ca.exists, 30, "Caddy's internal CA")
         wait_until(lambda: tls_handshake(site.https_port, running.local_ca, site.site_address), 30, "the certificate")
@@ -266,6 +315,11 @@ def count(deployment: Deployment) -> int:
         return response.json()
 
 
+def status_with(deployment: Deployment, token: str) -> int:
+    with deployment.client(token) as client:
+        return client.get(deployment.count_path()).status_code
+
+
 def test_the_run_command_script_runs_the_bootstrap_apply_script():
     command = runtime_config.render_run_command(
         fqdn="x.example.com",
@@ -276,63 +330,91 @@ def test_the_run_command_script_runs_the_bootstrap_apply_script():
         acme_email=None,
     )
     assert command.script.splitlines()[-1] == f"exec {cloud_config.APPLY_SCRIPT}"
-    assert command.parameters == {"CHROMA_IMAGE": "chromadb/chroma:1.5.9"}
-    assert OLD_TOKEN not in json.dumps(command.parameters)
+    assert set(command.parameters) == {runtime_config.IMAGE_PARAMETER, runtime_config.CADDYFILE_PARAMETER}
+    assert command.parameters[runtime_config.IMAGE_PARAMETER] == "chromadb/chroma:1.5.9"
+    assert OLD_TOKEN not in base64.b64decode(command.parameters[runtime_config.CADDYFILE_PARAMETER]).decode()
+    assert command.protected_parameters[runtime_config.TOKEN_PARAMETER] == OLD_TOKEN
     guest = runtime_config.as_guest_script(command)
     assert guest.rstrip().endswith(f"exec {cloud_config.APPLY_SCRIPT}")
-    assert guest.count("export ") == 3
+    assert guest.count("export ") == 4
 
 
-# What a client sees when Caddy's reload closes its connection under it: httpx's "Server
-# disconnected without sending a response" and kin. Measured here: about one request in four
-# reloads under load, on new and on reused connections alike (see README); never a 5xx or a
-# wrong answer.
-RELOAD_CLOSED_CONNECTION = {"RemoteProtocolError", "ReadError", "ConnectError"}
+def rotated_token(index: int) -> str:
+    return f"Day2Rotated{index:02d}Token0123456789abcdefghij"
 
 
-def test_token_rotation_is_a_reload_that_restarts_nothing(deployment):
+def test_token_rotation_replaces_the_token_file_and_reloads_nothing(deployment):
+    """Twelve rotations under load: no request dropped, no reload, nothing restarted.
+
+    The clients always send the token in force (read from the deployed token file before each
+    request), two on connections they reuse, as chromadb's client does, two on a new connection per
+    request. A 401 is allowed only to a request that raced a rotation: it carried the token that the
+    rotation retired, and the new token was in force when its answer came. No client can avoid those,
+    since no token is valid both before and after a rotation; they are counted apart, not as drops.
+    """
     chroma_pid, caddy_pid = deployment.pid("chroma"), deployment.pid("proxy")
+    reloads, caddy_loads = deployment.reloads(), deployment.caddy_loads()
+    tokens = [deployment.token] + [rotated_token(index) for index in range(ROTATIONS)]
+    apply_seconds = []
     with (
-        Prober(deployment, OLD_TOKEN) as old,
-        Prober(deployment, NEW_TOKEN) as new,
-        Prober(deployment, OLD_TOKEN, keep_alive=False) as old_fresh,
-        Prober(deployment, NEW_TOKEN, keep_alive=False) as new_fresh,
+        Prober(deployment) as reused,
+        Prober(deployment) as reused_too,
+        Prober(deployment, keep_alive=False) as fresh,
+        Prober(deployment, keep_alive=False) as fresh_too,
     ):
-        started = time.monotonic()
-        result = deployment.apply(deployment.command(token=NEW_TOKEN))
-        finished = time.monotonic()
-        assert result.returncode == 0, result.stdout + result.stderr
-    deployment.token = NEW_TOKEN
-    assert "proxy config reloaded in place" in result.stdout
-    assert "recreating" not in result.stdout, "a token change must not touch Chroma"
-    assert NEW_TOKEN not in result.stdout + result.stderr
-    assert OLD_TOKEN not in result.stdout + result.stderr
+        for retired, token in itertools.pairwise(tokens):
+            started = time.monotonic()
+            result = deployment.apply(deployment.command(token=token))
+            apply_seconds.append(time.monotonic() - started)
+            assert result.returncode == 0, result.stdout + result.stderr
+            deployment.token = token
+            assert "token replaced; Caddy reads it at each request" in result.stdout
+            assert "reloaded" not in result.stdout, "a token change must not reload the proxy"
+            assert "recreating" not in result.stdout, "a token change must not touch Chroma"
+            assert retired not in result.stdout + result.stderr
+            assert token not in result.stdout + result.stderr
+            assert status_with(deployment, token) == 200, "the new token works as soon as the apply returns"
+            assert status_with(deployment, retired) == 401, "and the retired one no longer does"
+            time.sleep(ROTATION_GAP_SECONDS)
     assert (deployment.pid("chroma"), deployment.pid("proxy")) == (chroma_pid, caddy_pid), "nothing restarted"
-    # Every request got an answer, 200 or 401, except a request or two per client whose connection the
-    # reload closed under it, during the reload: never a 5xx, never an answer from a stopped Chroma.
-    for prober in (old, new, old_fresh, new_fresh):
-        assert {r.outcome for r in prober.dropped()} <= RELOAD_CLOSED_CONNECTION, prober.dropped()
-        assert len(prober.dropped()) <= 2, prober.dropped()
-        assert all(started <= r.start <= finished for r in prober.dropped()), "only while reloading"
-    # The switch is clean: the old token works until the reload and never after, the new one the reverse.
-    for before, after in ((old, new), (old_fresh, new_fresh)):
-        old_outcomes = [r.outcome for r in before.results if r.outcome not in RELOAD_CLOSED_CONNECTION]
-        new_outcomes = [r.outcome for r in after.results if r.outcome not in RELOAD_CLOSED_CONNECTION]
-        assert old_outcomes[0] == 200
-        assert old_outcomes[-1] == 401
-        assert new_outcomes[0] == 401
-        assert new_outcomes[-1] == 200
-        assert 401 not in old_outcomes[: old_outcomes.index(401)]
-        assert 200 not in old_outcomes[old_outcomes.index(401) :]
+    assert deployment.reloads() == reloads, "chroma-apply asked the proxy for no reload"
+    assert deployment.caddy_loads() == caddy_loads, "Caddy loaded no new config"
+    assert stat.S_IMODE(deployment.token_file.stat().st_mode) == 0o600
+    assert deployment.token_file.stat().st_uid == os.geteuid(), "owned by whoever applied (root on the VM)"
+    probers = {"keep-alive": (reused, reused_too), "new connection": (fresh, fresh_too)}
+    for prober in (reused, reused_too, fresh, fresh_too):
+        assert prober.dropped() == [], "every request got an answer from the proxy's rules"
+        assert {r.outcome for r in prober.results} <= {200, 401}
+        for refused in prober.refused():
+            assert refused.raced_a_rotation, f"the token in force was refused: {refused}"
+            assert tokens.index(refused.token_after) == tokens.index(refused.token) + 1, (
+                f"only the token just retired may be refused: {refused}"
+            )
+        # The switch happened for this client too: it ended on the last token, with 200s.
+        assert prober.results[-1].token == tokens[-1]
+        assert prober.results[-1].outcome == 200
     assert count(deployment) == 2
+    per_kind = {
+        kind: {
+            "requests": sum(len(prober.results) for prober in pair),
+            "dropped": sum(len(prober.dropped()) for prober in pair),
+            "raced_a_rotation_401": sum(len(prober.refused()) for prober in pair),
+        }
+        for kind, pair in probers.items()
+    }
     record(
         "token rotation (authToken)",
-        apply_seconds=round(finished - started, 2),
-        requests_new_connection=len(old_fresh.results) + len(new_fresh.results),
-        dropped_new_connection=len(old_fresh.dropped()) + len(new_fresh.dropped()),
-        requests_keep_alive=len(old.results) + len(new.results),
-        dropped_keep_alive=len(old.dropped()) + len(new.dropped()),
-        requests_per_second_per_client=round(old.per_second()),
+        rotations=ROTATIONS,
+        apply_seconds_min=round(min(apply_seconds), 2),
+        apply_seconds_max=round(max(apply_seconds), 2),
+        requests_keep_alive=per_kind["keep-alive"]["requests"],
+        dropped_keep_alive=per_kind["keep-alive"]["dropped"],
+        raced_a_rotation_401_keep_alive=per_kind["keep-alive"]["raced_a_rotation_401"],
+        requests_new_connection=per_kind["new connection"]["requests"],
+        dropped_new_connection=per_kind["new connection"]["dropped"],
+        raced_a_rotation_401_new_connection=per_kind["new connection"]["raced_a_rotation_401"],
+        requests_per_second_per_client=round(reused.per_second()),
+        caddy_reloads=deployment.reloads() - reloads,
         chroma_restarted=False,
         proxy_restarted=False,
     )
@@ -348,9 +430,13 @@ def test_auth_header_change_is_a_reload_too(deployment):
         otel=deployment.otel,
         acme_email=ACME_EMAIL,
     )
+    reloads, caddy_loads = deployment.reloads(), deployment.caddy_loads()
     result = deployment.apply(runtime_config.run_command_for(files, deployment.version))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "proxy config reloaded in place" in result.stdout
+    assert "token replaced" not in result.stdout, "the token did not change"
+    assert deployment.reloads() == reloads + 1
+    assert deployment.caddy_loads() > caddy_loads, "the reload reached Caddy (the rotation test relies on seeing it)"
     trusted = ssl.create_default_context(cafile=str(deployment.local_ca))
     with httpx.Client(base_url=deployment.base_url, verify=trusted) as client:
         response = client.get(deployment.count_path(), headers={runtime.X_CHROMA_TOKEN: deployment.token})
@@ -463,21 +549,25 @@ def test_a_chroma_that_never_gets_healthy_is_rolled_back(deployment):
     record("failed change, rolled back", apply_seconds=round(seconds, 2))
 
 
-def test_a_proxy_config_caddy_refuses_leaves_the_running_one_in_force(deployment):
-    good = deployment.command()
+def test_a_proxy_config_caddy_refuses_leaves_the_running_one_and_the_token_in_force(deployment):
+    """The proxy config goes first: when Caddy refuses it, the token that came with it is not applied either."""
+    good = deployment.command(token=OLD_TOKEN if deployment.token != OLD_TOKEN else NEW_TOKEN)
     caddyfile_before = (deployment.config_dir / "proxy" / "Caddyfile").read_text()
+    token_file_before = deployment.token_file.read_text()
     broken = runtime_config.RunCommand(
         script=good.script,
-        parameters=good.parameters,
-        protected_parameters={
-            **good.protected_parameters,
+        parameters={
+            **good.parameters,
             runtime_config.CADDYFILE_PARAMETER: base64.b64encode(b"{\n\tno_such_global_option\n}\n").decode(),
         },
+        protected_parameters=good.protected_parameters,
     )
     result = deployment.apply(broken)
     assert result.returncode == 1
     assert "Caddy refused the new proxy config; the previous one stays in force" in result.stdout
+    assert "token replaced" not in result.stdout
     assert (deployment.config_dir / "proxy" / "Caddyfile").read_text() == caddyfile_before
+    assert deployment.token_file.read_text() == token_file_before
     assert count(deployment) == 2, "the running proxy still checks the current token"
 
 
@@ -502,21 +592,44 @@ def bootstrap_apply_script(tmp_path: Path) -> Path:
     return script
 
 
-def test_a_missing_parameter_is_named_and_nothing_runs(tmp_path):
+@pytest.mark.parametrize(
+    "parameter",
+    [
+        runtime_config.IMAGE_PARAMETER,
+        runtime_config.CADDYFILE_PARAMETER,
+        runtime_config.TOKEN_PARAMETER,
+        runtime_config.COMPOSE_PARAMETER,
+    ],
+)
+def test_a_missing_parameter_is_named_and_nothing_runs(tmp_path, parameter):
     command = runtime_config.run_command_for(
-        runtime_config.RuntimeFiles(caddyfile="x", compose="y"), pinned_chroma_version()
+        runtime_config.RuntimeFiles(caddyfile="x", compose="y", token=OLD_TOKEN), pinned_chroma_version()
     )
-    env = {**command.environment(), runtime_config.CADDYFILE_PARAMETER: "", "PATH": "/usr/bin:/bin"}
+    env = {**command.environment(), parameter: "", "PATH": "/usr/bin:/bin"}
     env["CHROMA_CONFIG_DIR"] = str(tmp_path / "etc")
     result = subprocess.run([bootstrap_apply_script(tmp_path)], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 1
-    assert "CHROMA_CADDYFILE_B64 is empty" in result.stdout
+    assert f"{parameter} is empty" in result.stdout
+    assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.parametrize("token", ["two words", "line\nbreak", 'a"quote', "trailing=garbage"])
+def test_a_token_the_proxy_cannot_compare_is_refused_unseen_and_nothing_runs(tmp_path, token):
+    command = runtime_config.run_command_for(
+        runtime_config.RuntimeFiles(caddyfile="x", compose="y", token=OLD_TOKEN), pinned_chroma_version()
+    )
+    env = {**command.environment(), runtime_config.TOKEN_PARAMETER: token, "PATH": "/usr/bin:/bin"}
+    env["CHROMA_CONFIG_DIR"] = str(tmp_path / "etc")
+    result = subprocess.run([bootstrap_apply_script(tmp_path)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "CHROMA_AUTH_TOKEN is not RFC 6750 token68" in result.stdout
+    assert token not in result.stdout + result.stderr
     assert not (tmp_path / "etc").exists()
 
 
 def test_it_waits_for_cloud_init_and_gives_up_after_the_bound(tmp_path):
     command = runtime_config.run_command_for(
-        runtime_config.RuntimeFiles(caddyfile="x", compose="y"), pinned_chroma_version()
+        runtime_config.RuntimeFiles(caddyfile="x", compose="y", token=OLD_TOKEN), pinned_chroma_version()
     )
     env = {
         **command.environment(),
@@ -533,7 +646,9 @@ def test_it_waits_for_cloud_init_and_gives_up_after_the_bound(tmp_path):
 
 def test_the_guest_script_hands_the_script_every_parameter_byte_for_byte(tmp_path):
     """What the VM tier feeds to `sh -s` in a guest: the same environment Azure's agent gives."""
-    files = runtime_config.RuntimeFiles(caddyfile="a 'quoted' $HOME `x`\n\ttab\n", compose='b: "$$x"\n')
+    files = runtime_config.RuntimeFiles(
+        caddyfile="a 'quoted' $HOME `x`\n\ttab\n", compose='b: "$$x"\n', token="A-Token_0.9~+/=="
+    )
     command = runtime_config.run_command_for(files, pinned_chroma_version())
     dump = tmp_path / "dump-environment"
     dump.write_text(f"#!{sys.executable}\nimport json, os\nprint(json.dumps(dict(os.environ)))\n")
@@ -543,3 +658,4 @@ def test_the_guest_script_hands_the_script_every_parameter_byte_for_byte(tmp_pat
     seen = json.loads(result.stdout)
     assert {name: seen[name] for name in command.environment()} == command.environment()
     assert base64.b64decode(seen[runtime_config.CADDYFILE_PARAMETER]).decode() == files.caddyfile
+    assert seen[runtime_config.TOKEN_PARAMETER] == files.token

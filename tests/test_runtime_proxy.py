@@ -87,7 +87,7 @@ def other_header(auth_header: str) -> str:
 def proxy_in_front_of(upstream: str, auth_header: str, workdir: Path) -> Iterator[tuple[ProxySite, Caddy]]:
     """A loopback Caddy from the renderer the VM's Caddyfile comes from (checked), in front of `upstream`."""
     vm_caddyfile = vm_files(auth_header)[cloud_config.CADDYFILE]
-    assert runtime.render_caddyfile(runtime_config.vm_site(FQDN), auth_header, TOKEN, ACME_EMAIL) == vm_caddyfile
+    assert runtime.render_caddyfile(runtime_config.vm_site(FQDN), auth_header, ACME_EMAIL) == vm_caddyfile
     with tls_proxy(workdir, upstream, auth_header, TOKEN, ACME_EMAIL) as running:
         yield running
 
@@ -177,6 +177,9 @@ def test_caddy_accepts_the_vms_exact_caddyfile(auth_header, tmp_path):
     assert FQDN in adapt.stdout
     assert "internal" not in adapt.stdout, "the VM gets a public certificate, not Caddy's internal CA"
     assert ACME_EMAIL in adapt.stdout
+    # The token is read at each request from the file the proxy's directory mount holds, never from the config.
+    assert f'"{{file.{runtime.PROXY_TOKEN_FILE}}}"' in adapt.stdout
+    assert TOKEN not in adapt.stdout
 
 
 def test_heartbeat_is_open_without_a_token(proxy):
@@ -363,7 +366,7 @@ def test_compose_health_checks_pass_unchanged_against_the_real_servers(tmp_path)
 
     (tmp_path / "config.yaml").write_text(IMAGE_CONFIG, encoding="utf-8")
     site = ProxySite(site_address=f"http://{SITE}", upstream=f"{LOOPBACK}:{runtime.CHROMA_PORT}")
-    (tmp_path / "Caddyfile").write_text(runtime.render_caddyfile(site, AUTHORIZATION, TOKEN), encoding="utf-8")
+    (tmp_path / "Caddyfile").write_text(runtime.render_caddyfile(site, AUTHORIZATION), encoding="utf-8")
     base_env = {key: value for key, value in os.environ.items() if not key.startswith(("CHROMA_", "OTEL_"))}
     chroma_env = {
         **base_env,

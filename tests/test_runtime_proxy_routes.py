@@ -8,12 +8,20 @@ normalise to the heartbeat (encoded slashes, dot segments, letter case, extra sl
 letters) must be answered by the proxy itself, on the VM's site (HTTPS) and the local stack's (HTTP),
 both rendered by the same function. Requests are sent with http.client, which sends
 the path as given (httpx and browsers would clean it first).
+
+Caddy reads the token from its token file at every request. A token file that is missing, empty,
+blank, a directory or unreadable to Caddy must let nothing but the heartbeat through, and a file
+replaced under a running Caddy must take effect at the next request: these sites have Caddy's admin
+API off, so nothing can reload them. Caddy runs here without root's power to read any file, so a
+file's mode binds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import os
+import shutil
 import socket
 import socketserver
 import ssl
@@ -23,12 +31,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from live import LOOPBACK, caddy_server, free_port, tls_proxy
+from live import LOOPBACK, caddy_server, free_port, tls_proxy, write_token_file
 
 from components.local_docker import LOCAL_SITE, PROXY_CONTAINER_PORT
 from components.runtime import AUTH_HEADERS, AUTHORIZATION, HEARTBEAT_PATH, auth_value, render_caddyfile
 
 TOKEN = "RoutesTestToken0123456789abcdef.~+/x="
+ROTATED = "RoutesRotatedToken9876543210-_.~+/="
 SITE = "localhost"
 
 # A dot-dot segment, spelled so the repo's scan for paths that climb out of it passes over it.
@@ -134,6 +143,7 @@ class Proxy:
     auth_header: str
     port: int
     ca: Path | None
+    token_file: Path
 
     def connection(self) -> http.client.HTTPConnection:
         if self.ca is None:
@@ -176,8 +186,8 @@ def proxy(request, upstream, tmp_path_factory) -> Iterator[Proxy]:
     workdir: Path = tmp_path_factory.mktemp("caddy-routes")
     upstream_address = f"{LOOPBACK}:{upstream.port}"
     if flavour == "vm":
-        with tls_proxy(workdir, upstream_address, auth_header, TOKEN) as (site, caddy):
-            yield Proxy(auth_header, site.https_port, caddy.local_ca)
+        with tls_proxy(workdir, upstream_address, auth_header, TOKEN, file_modes_bind=True) as (site, caddy):
+            yield Proxy(auth_header, site.https_port, caddy.local_ca, Path(site.token_file))
         return
     # The local stack's site (plain HTTP on every address), moved to a free port on loopback.
     assert LOCAL_SITE.site_address == f"http://:{PROXY_CONTAINER_PORT}"
@@ -188,9 +198,10 @@ def proxy(request, upstream, tmp_path_factory) -> Iterator[Proxy]:
         upstream=upstream_address,
         bind_address=LOOPBACK,
         health_port=free_port(),
+        token_file=write_token_file(workdir / "token", TOKEN),
     )
-    with caddy_server(workdir, render_caddyfile(site, auth_header, TOKEN), [port]):
-        yield Proxy(auth_header, port, None)
+    with caddy_server(workdir, render_caddyfile(site, auth_header), [port], file_modes_bind=True):
+        yield Proxy(auth_header, port, None, Path(site.token_file))
 
 
 def forwarded(upstream: Recorder) -> list[str]:
@@ -270,3 +281,92 @@ def test_token_in_the_other_header_is_stripped_too(proxy, upstream):
     assert proxy.send("GET", "/api/v2/version", headers) == 200
     (head,) = upstream.take()
     assert not any(TOKEN in line for line in head), f"a token reached the upstream: {head}"
+
+
+def put_token_file(proxy: Proxy, token: str) -> None:
+    """Replaces the token file as chroma-apply does: a new file in the same folder, then a rename."""
+    staged = proxy.token_file.with_name("token.staged")
+    write_token_file(staged, token)
+    os.replace(staged, proxy.token_file)
+
+
+@pytest.fixture
+def token_file_restored(proxy):
+    """Puts the fixture's own token file back after a test that broke or replaced it."""
+    yield proxy.token_file
+    if proxy.token_file.is_dir():
+        shutil.rmtree(proxy.token_file)
+    put_token_file(proxy, TOKEN)
+
+
+def remove(path: Path) -> None:
+    path.unlink()
+
+
+def make_unreadable(path: Path) -> None:
+    path.chmod(0)  # the right token, which Caddy must not be able to read
+
+
+def replace_by_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+BROKEN_TOKEN_FILES = {
+    "missing": remove,
+    "empty": lambda path: path.write_text(""),
+    "only a newline": lambda path: path.write_text("\n"),
+    "only blanks": lambda path: path.write_text(" \t\n"),
+    "a directory": replace_by_directory,
+    "unreadable": make_unreadable,
+}
+
+
+@pytest.mark.parametrize("break_it", BROKEN_TOKEN_FILES.values(), ids=BROKEN_TOKEN_FILES.keys())
+def test_a_broken_token_file_lets_nothing_but_the_heartbeat_through(proxy, upstream, token_file_restored, break_it):
+    auth_header = proxy.auth_header
+    break_it(token_file_restored)
+    upstream.take()
+    # What a broken file could read as ("" or blanks), and the token it held.
+    if auth_header == AUTHORIZATION:
+        values = [auth_value(auth_header, TOKEN), "Bearer", "Bearer ", "Bearer  ", "Bearer \t", TOKEN]
+    else:
+        values = [TOKEN, "", " ", "\t"]
+    for value in values:
+        for method, path in (("GET", "/api/v2/version"), ("POST", HEARTBEAT_PATH)):
+            status = proxy.send(method, path, {auth_header: value})
+            assert status == 401, f"{method} {path} with {auth_header}: {value!r} got {status}"
+    assert proxy.send("GET", "/api/v2/version") == 401
+    assert forwarded(upstream) == [], "nothing but the heartbeat may pass"
+    assert proxy.send("GET", HEARTBEAT_PATH) == 200
+    assert proxy.send("HEAD", HEARTBEAT_PATH) == 200
+    assert forwarded(upstream) == [f"GET {HEARTBEAT_PATH} HTTP/1.1", f"HEAD {HEARTBEAT_PATH} HTTP/1.1"]
+    # The same file, whole again: the right token passes (so the refusals above came from the file).
+    if token_file_restored.is_dir():
+        token_file_restored.rmdir()
+    put_token_file(proxy, TOKEN)
+    assert proxy.send("GET", "/api/v2/version", {auth_header: auth_value(auth_header, TOKEN)}) == 200
+
+
+def test_a_replaced_token_file_takes_effect_at_the_next_request(proxy, upstream, token_file_restored):
+    auth_header = proxy.auth_header
+    old, new = {auth_header: auth_value(auth_header, TOKEN)}, {auth_header: auth_value(auth_header, ROTATED)}
+    connection = proxy.connection()
+    try:
+
+        def on_the_open_connection(headers: dict[str, str]) -> int:
+            connection.request("GET", "/api/v2/version", headers=headers)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+
+        assert on_the_open_connection(old) == 200
+        assert on_the_open_connection(new) == 401
+        put_token_file(proxy, ROTATED)
+        # On the connection opened before the swap, and on new ones: no reload, no reconnect.
+        assert on_the_open_connection(new) == 200
+        assert on_the_open_connection(old) == 401
+    finally:
+        connection.close()
+    assert proxy.send("GET", "/api/v2/version", new) == 200
+    assert proxy.send("GET", "/api/v2/version", old) == 401
