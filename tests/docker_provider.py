@@ -64,7 +64,7 @@ KNOWN_NESTED = {
     "volumes": {"volumeName", "containerPath", "readOnly"},
     "networksAdvanced": {"name", "aliases"},
     "ports": {"internal", "external", "ip", "protocol"},
-    "uploads": {"file", "content", "contentBase64", "executable"},
+    "uploads": {"file", "content", "contentBase64", "executable", "permissions"},
     "healthcheck": {"tests", "interval", "timeout", "retries", "startPeriod", "startInterval"},
     "capabilities": {"adds", "drops"},
 }
@@ -191,6 +191,13 @@ def _inputs(resource: Registered) -> dict[str, Any]:
     return inputs
 
 
+def upload_mode(upload: dict[str, Any]) -> int:
+    """The file mode the provider gives an upload: `permissions` (octal) wins over `executable`."""
+    if "permissions" in upload:
+        return int(upload["permissions"], 8)
+    return 0o744 if upload.get("executable") else 0o644
+
+
 def _tar(path: str, content: bytes, mode: int) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -307,8 +314,7 @@ def _create_container(api: EngineApi, inputs: dict[str, Any], ids: dict[str, str
     # The provider copies each upload into the created container before it starts it.
     for upload in inputs.get("uploads", []):
         content = base64.b64decode(upload["contentBase64"]) if "contentBase64" in upload else upload["content"].encode()
-        mode = 0o744 if upload.get("executable") else 0o644
-        archive = _tar(upload["file"], content, mode)
+        archive = _tar(upload["file"], content, upload_mode(upload))
         api.call(
             "PUT", f"/containers/{container_id}/archive", raw=archive, path=str(PurePosixPath(upload["file"]).parent)
         )

@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import ProgramRun, Registered, run_program
-from docker_provider import UnknownInputError, _check_known, _inputs, container_config
+from docker_provider import UnknownInputError, _check_known, _inputs, container_config, upload_mode
 
 CONTAINER = "docker:index/container:Container"
 
@@ -62,3 +62,10 @@ def test_inputs_become_the_engine_api_fields_the_provider_sends():
 def test_a_port_without_ip_is_published_on_every_interface_as_the_provider_does():
     body = container_config({"name": "c", "image": "i", "ports": [{"internal": 80.0}]}, {})
     assert body["HostConfig"]["PortBindings"] == {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "80"}]}  # noqa: S104
+
+
+def test_an_uploads_mode_is_its_permissions_else_executable_or_not():
+    assert upload_mode({"file": "/t", "content": "x", "permissions": "0600"}) == 0o600
+    assert upload_mode({"file": "/t", "content": "x", "permissions": "0600", "executable": True}) == 0o600
+    assert upload_mode({"file": "/t", "content": "x", "executable": True}) == 0o744
+    assert upload_mode({"file": "/t", "content": "x"}) == 0o644

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import cloud_config, runtime_config
+from components import cloud_config, runtime, runtime_config
 from components.runtime import AUTHORIZATION, OtelSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,7 @@ def vm_files(auth_header: str = AUTHORIZATION, otel: OtelSettings | None = None)
     return {
         **cloud_config.write_files(cloud_config.render_cloud_config()),
         cloud_config.CADDYFILE: runtime_files.caddyfile,
+        cloud_config.TOKEN_FILE: runtime.token_file_content(runtime_files.token),
         cloud_config.COMPOSE_FILE: runtime_files.compose,
     }
 

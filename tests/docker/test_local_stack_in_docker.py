@@ -19,13 +19,14 @@ from pathlib import Path
 
 import chromadb
 import pytest
+import yaml
 from conftest import ProgramRun, run_program
 from docker_provider import apply, destroy
 from images import caddy_image_name, chroma_image_name
-from live import free_port, wait_until
+from live import free_port, port_open, wait_until, write_token_file
 
-from components import runtime
-from components.local_docker import HEALTHY_WITHIN_SECONDS, PROXY_CONTAINER_PORT
+from components import cloud_config, runtime
+from components.local_docker import HEALTHY_WITHIN_SECONDS, LOCAL_SITE, PROXY_CONTAINER_PORT
 from scripts import smoke_test
 
 pytestmark = pytest.mark.docker
@@ -236,6 +237,69 @@ def test_another_container_on_the_network_cannot_reach_the_health_site(stack):
     assert stack.probe(f"http://{stack.proxy}:{runtime.PROXY_HEALTH_PORT}/healthz") != 0, (
         "the proxy's health site answered another container"
     )
+
+
+def test_the_token_file_is_root_only_and_the_caddyfile_holds_no_token(stack):
+    owner_and_mode = stack.engine.run("exec", stack.proxy, "stat", "-c", "%u:%g %a", runtime.PROXY_TOKEN_FILE)
+    assert owner_and_mode.stdout.strip() == "0:0 600"
+    caddyfile = stack.engine.run("exec", stack.proxy, "cat", "/etc/caddy/Caddyfile").stdout
+    assert stack.run.outputs["authToken"] not in caddyfile
+    assert f"{{file.{runtime.PROXY_TOKEN_FILE}}}" in caddyfile
+
+
+def status_of(port: int, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/api/v2/version", headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_the_vms_directory_mount_shows_caddy_a_token_file_replaced_on_the_host(docker_engine, standin_images, tmp_path):
+    """The VM's proxy mounts /etc/chroma/proxy read-only, as a directory; chroma-apply renames a new token file in.
+
+    Here the stand-in Caddy image runs with the VM's mount of a host folder, and the token file is
+    replaced on the host the way chroma-apply's replace_file does it (a new root-only file, then a
+    rename). Its upstream is closed: a request that passes the token check gets 502, one that
+    fails it 401.
+    """
+    folder = tmp_path / "proxy"
+    old, new = "MountOldToken0123456789abcdefghij", "MountNewToken9876543210zyxwvutsrq"
+    write_token_file(folder / "token", old)
+    # Nothing listens on the site's upstream (Chroma's port) in this container.
+    (folder / "Caddyfile").write_text(runtime.render_caddyfile(LOCAL_SITE, runtime.AUTHORIZATION))
+    volumes = yaml.safe_load(cloud_config.render_compose("1.5.9", None))["services"]["proxy"]["volumes"]
+    (mount,) = [volume for volume in volumes if volume["source"] == cloud_config.PROXY_CONFIG_DIR]
+    assert (mount["target"], mount["read_only"]) == ("/etc/caddy", True), "as the VM's compose file mounts it"
+    name, port = f"chroma-infra-mount-{uuid.uuid4().hex[:8]}", free_port()
+    # A network of its own: a private engine here has no default bridge.
+    docker_engine.run("network", "create", name)
+    docker_engine.run(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        name,
+        "--publish",
+        f"127.0.0.1:{port}:{PROXY_CONTAINER_PORT}",
+        "--mount",
+        f"type=bind,source={folder},target={mount['target']},readonly",
+        caddy_image_name(),
+    )
+    try:
+        wait_until(lambda: port_open(port) and status_of(port, {}) == 401, 30, "Caddy in the container")
+        started = docker_engine.inspect(name)[0]["State"]["StartedAt"]
+        bearer = {token: {"Authorization": runtime.auth_value(runtime.AUTHORIZATION, token)} for token in (old, new)}
+        assert (status_of(port, bearer[old]), status_of(port, bearer[new])) == (502, 401)
+        write_token_file(folder / "token.new", new)
+        os.replace(folder / "token.new", folder / "token")
+        assert (status_of(port, bearer[new]), status_of(port, bearer[old])) == (502, 401)
+        assert docker_engine.inspect(name)[0]["State"]["StartedAt"] == started, "no restart"
+    finally:
+        docker_engine.run("rm", "--force", name, check=False)
+        docker_engine.run("network", "rm", name, check=False)
 
 
 def test_logs_are_bounded_on_every_container(stack):

@@ -359,11 +359,12 @@ def test_reboot_keeps_the_data_and_starts_chroma_by_itself(story, acme, vm_repor
     vm = story.guest
     assert vm is not None, "needs the first boot's guest"
     phases = vm_report.phases("reboot")
-    files_before = vm.ssh(f"sha256sum {cloud_config.CADDYFILE} {cloud_config.COMPOSE_FILE}").stdout
+    checksums = f"sha256sum {cloud_config.CADDYFILE} {cloud_config.TOKEN_FILE} {cloud_config.COMPOSE_FILE}"
+    files_before = vm.ssh(checksums).stdout
     started = time.monotonic()
     vm.reboot(BOOT_TIMEOUT_SECONDS)
     wait_for_chroma(vm)  # no run command: the files of the last run start it
-    assert vm.ssh(f"sha256sum {cloud_config.CADDYFILE} {cloud_config.COMPOSE_FILE}").stdout == files_before
+    assert vm.ssh(checksums).stdout == files_before
     phases["reboot_to_healthy"] = round(time.monotonic() - started, 1)
     phases.update(boot_phases(vm))
     story.multi_user["reboot"] = phases["boot_to_multi_user"]

@@ -67,5 +67,5 @@ def run_command_script(directory_url: str, chroma_version: str | None = None) ->
         raise AssertionError(
             f"the Caddyfile differs by more than the ACME lines: {differences(files.caddyfile, caddyfile)}"
         )
-    changed = runtime_config.RuntimeFiles(caddyfile=caddyfile, compose=files.compose)
+    changed = runtime_config.RuntimeFiles(caddyfile=caddyfile, compose=files.compose, token=files.token)
     return runtime_config.as_guest_script(runtime_config.run_command_for(changed, chroma_version))
