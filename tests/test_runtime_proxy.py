@@ -2,7 +2,7 @@
 
 A real `chroma run` from the chromadb wheel (at Pulumi.yaml's chromaVersion, with the environment
 of the VM's compose file) sits behind a real `caddy run` of the VM's Caddyfile. Loopback differs
-from the VM only through ProxySite's parameters: site address, upstream, internal TLS, ports.
+from the VM only through ProxySite's parameters: site address, upstream, internal TLS, ports, token file.
 For both token headers this shows: the heartbeat is open, everything else needs the configured
 token in the configured header, a chromadb client does a full round trip over HTTPS verified
 against Caddy's CA, plain HTTP redirects, and the token never reaches Chroma. Caddy also accepts
