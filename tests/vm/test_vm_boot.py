@@ -87,6 +87,9 @@ RECORDS = 64
 WRITER_COLLECTION = "vm-tier-restore"
 WRITER_BATCH = 25
 WRITER_DIMENSIONS = 16
+# Chroma persists an index every sync_threshold records (1,000 by default): a low one, as in the
+# crash tier, has the copy catch index files mid-rewrite, not an index that was never persisted.
+WRITER_CONFIGURATION = {"hnsw": {"sync_threshold": 60, "batch_size": 30}}
 # Batches acknowledged before the copy is taken, and after it (writes in flight while it runs).
 BATCHES_BEFORE_COPY = 8
 BATCHES_AFTER_COPY = 4
@@ -441,7 +444,8 @@ def copy_while_writing(story: Story, acme, copy: Path) -> tuple[list[int], float
     vm = story.guest
     assert vm is not None
     with smoke_test.resolved(FQDN, "127.0.0.1"):
-        writer = Writer(chroma_client(story, acme).get_or_create_collection(WRITER_COLLECTION))
+        client = chroma_client(story, acme)
+        writer = Writer(client.get_or_create_collection(WRITER_COLLECTION, configuration=WRITER_CONFIGURATION))
         writer.start()
         try:
             writer.wait_for(BATCHES_BEFORE_COPY, 300)
