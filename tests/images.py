@@ -250,8 +250,7 @@ def _build(engine: Engine, recipe: _Recipe, digest: str) -> None:
 
 def ensure_images(engine: Engine) -> dict[str, str]:
     """Every stand-in in `engine`, by the pinned names; returns name -> image id."""
-    base_digest = _base_digest()
-    _from_cache_or(engine, BASE_IMAGE, base_digest, lambda: _build_base(engine, base_digest))
+    base_digest = _ensure_base(engine)
     images = {}
     for recipe in (_chroma_recipe(chroma_pin()), _caddy_recipe(), _guard_recipe()):
         images[recipe.name] = _ensure(engine, recipe, base_digest)
@@ -260,10 +259,15 @@ def ensure_images(engine: Engine) -> dict[str, str]:
 
 def ensure_chroma_image(engine: Engine, version: str) -> tuple[str, str]:
     """The Chroma stand-in of another release (the VM tier's version change): (name, image id)."""
+    recipe = _chroma_recipe(version)
+    return recipe.name, _ensure(engine, recipe, _ensure_base(engine))
+
+
+def _ensure_base(engine: Engine) -> str:
+    """The base image in `engine`, built or loaded from the cache; its digest."""
     base_digest = _base_digest()
     _from_cache_or(engine, BASE_IMAGE, base_digest, lambda: _build_base(engine, base_digest))
-    recipe = _chroma_recipe(version)
-    return recipe.name, _ensure(engine, recipe, base_digest)
+    return base_digest
 
 
 def _ensure(engine: Engine, recipe: _Recipe, base_digest: str) -> str:

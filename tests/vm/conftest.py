@@ -108,13 +108,14 @@ class VmReport:
 
     def phases(self, scenario: str) -> dict[str, float]:
         """The phase table of a scenario (created failed; `passed` marks it done)."""
-        entry = self.scenarios.setdefault(scenario, {"passed": False, "phases": {}})
-        return entry["phases"]
+        return self._entry(scenario)["phases"]
 
     def details(self, scenario: str) -> dict:
         """What else a scenario found, beside its phases."""
-        entry = self.scenarios.setdefault(scenario, {"passed": False, "phases": {}})
-        return entry.setdefault("details", {})
+        return self._entry(scenario).setdefault("details", {})
+
+    def _entry(self, scenario: str) -> dict:
+        return self.scenarios.setdefault(scenario, {"passed": False, "phases": {}})
 
     def passed(self, scenario: str) -> None:
         """Marks a scenario passed and prints its phases."""

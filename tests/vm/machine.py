@@ -280,8 +280,8 @@ class Guest:
         """
         qmp = self.qmp()
         node, job = f"{DATA_NODE}-copy", f"{DATA_NODE}-copy-job"
-        size = qmp.execute("query-named-block-nodes", flat=True)
-        (source,) = [entry for entry in size if entry["node-name"] == f"{DATA_NODE}-boot"]
+        nodes = qmp.execute("query-named-block-nodes", flat=True)
+        (source,) = [entry for entry in nodes if entry["node-name"] == f"{DATA_NODE}-boot"]
         subprocess.run(["truncate", "-s", str(source["image"]["virtual-size"]), str(target)], check=True)
         qmp.execute(
             "blockdev-add",
@@ -291,8 +291,8 @@ class Guest:
         )
         started = time.monotonic()
         qmp.execute(
-            "blockdev-backup", device=f"{DATA_NODE}-boot", target=node, sync="full", **{"job-id": job},
-            **{"auto-dismiss": False},
+            "blockdev-backup", device=f"{DATA_NODE}-boot", target=node, sync="full",
+            **{"job-id": job, "auto-dismiss": False},
         )  # fmt: skip
         try:
             while True:
@@ -302,6 +302,7 @@ class Guest:
                         raise AssertionError(f"blockdev-backup failed: {state['error']}")
                     break
                 if time.monotonic() - started > timeout:
+                    qmp.execute("job-cancel", id=job, force=True)
                     raise AssertionError(f"blockdev-backup not done within {timeout:.0f}s: {state}")
                 time.sleep(0.5)
         finally:
