@@ -55,6 +55,18 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, process: su
     pytest.fail(f"{what}: not ready within {timeout:.0f}s")
 
 
+def down_seconds(timeline: list[tuple[float, float, bool]]) -> float:
+    """Seconds from the last answer before the first failure to the first answer after the last one.
+
+    `timeline` holds (start, end, answered ok) per request, in order; no failure is 0.
+    """
+    failures = [index for index, (_, _, ok) in enumerate(timeline) if not ok]
+    if not failures:
+        return 0.0
+    before = timeline[failures[0] - 1][1] if failures[0] > 0 else timeline[0][0]
+    return timeline[min(failures[-1] + 1, len(timeline) - 1)][1] - before
+
+
 def port_open(port: int) -> bool:
     """Whether something accepts TCP connections on a loopback port."""
     with socket.socket() as client:

@@ -31,7 +31,17 @@ import day2_host
 import httpx
 import pytest
 import yaml
-from live import CHROMA, caddy_binary, free_port, loopback_tls_site, otlp_sink, port_open, tls_handshake, wait_until
+from live import (
+    CHROMA,
+    caddy_binary,
+    down_seconds,
+    free_port,
+    loopback_tls_site,
+    otlp_sink,
+    port_open,
+    tls_handshake,
+    wait_until,
+)
 from vm_fixtures import ACME_EMAIL, pinned_chroma_version
 
 from components import cloud_config, runtime, runtime_config
@@ -209,17 +219,25 @@ class Prober(threading.Thread):
         return [r for r in self.results if r.outcome == 401]
 
     def down_seconds(self) -> float:
-        """From the last answer before the first failure to the first answer after the last one."""
-        failures = [index for index, r in enumerate(self.results) if r.outcome != 200]
-        if not failures:
-            return 0.0
-        before = self.results[failures[0] - 1].end if failures[0] > 0 else self.results[0].start
-        after = self.results[failures[-1] + 1].end if failures[-1] + 1 < len(self.results) else self.results[-1].end
-        return after - before
+        """How long Chroma did not answer (live.down_seconds)."""
+        return down_seconds([(r.start, r.end, r.outcome == 200) for r in self.results])
 
 
 def record(change: str, **numbers) -> None:
     measurements[change] = numbers
+
+
+def record_restart(change: str, seconds: float, prober: Prober) -> None:
+    """The figures of a change that restarts Chroma while the prober runs."""
+    record(
+        change,
+        apply_seconds=round(seconds, 2),
+        requests=len(prober.results),
+        requests_per_second=round(prober.per_second()),
+        failed=len(prober.failed()),
+        chroma_down_seconds=round(prober.down_seconds(), 2),
+        proxy_restarted=False,
+    )
 
 
 def compose_images() -> list[str]:
@@ -465,17 +483,8 @@ def test_otel_change_restarts_only_chroma_and_its_spans_arrive(deployment):
         assert any("chroma-day2" in export.service_names() for export in sink.exports)
     assert prober.results[-1].outcome == 200
     assert {r.outcome for r in prober.failed()} <= {502}, "while Chroma restarts the proxy answers 502"
-    down = prober.down_seconds()
-    assert down < HEALTHY_WITHIN_SECONDS
-    record(
-        "OTel change (otelEndpoint)",
-        apply_seconds=round(seconds, 2),
-        requests=len(prober.results),
-        requests_per_second=round(prober.per_second()),
-        failed=len(prober.failed()),
-        chroma_down_seconds=round(down, 2),
-        proxy_restarted=False,
-    )
+    assert prober.down_seconds() < HEALTHY_WITHIN_SECONDS
+    record_restart("OTel change (otelEndpoint)", seconds, prober)
     # Back to no tracing, so the collector stopping does not matter to the next tests.
     off = deployment.apply(deployment.command(otel=None))
     assert off.returncode == 0, off.stdout + off.stderr
@@ -495,15 +504,7 @@ def test_version_change_pulls_then_replaces_chroma_and_reports_it(deployment):
     assert f"running {runtime.chroma_image(UPGRADE_VERSION)}" in output
     assert deployment.pid("proxy") == caddy_pid
     assert count(deployment) == 2
-    record(
-        "version change (chromaVersion)",
-        apply_seconds=round(seconds, 2),
-        requests=len(prober.results),
-        requests_per_second=round(prober.per_second()),
-        failed=len(prober.failed()),
-        chroma_down_seconds=round(prober.down_seconds(), 2),
-        proxy_restarted=False,
-    )
+    record_restart("version change (chromaVersion)", seconds, prober)
 
 
 def test_a_version_that_cannot_be_pulled_changes_nothing(deployment):

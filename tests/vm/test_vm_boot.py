@@ -66,6 +66,7 @@ import httpx
 import pytest
 import user_data
 import yaml
+from live import down_seconds
 from machine import Forwards, Guest, make_os_disk, make_seed
 from vm_fixtures import FQDN, TOKEN, pinned_chroma_version
 
@@ -583,13 +584,8 @@ class Prober(threading.Thread):
         return [outcome for _, _, outcome in self.results if outcome != 200]
 
     def down_seconds(self) -> float:
-        """From the last answer before the first failure to the first answer after the last one."""
-        failures = [index for index, (_, _, outcome) in enumerate(self.results) if outcome != 200]
-        if not failures:
-            return 0.0
-        first, last = failures[0], failures[-1]
-        before = self.results[first - 1][1] if first > 0 else self.results[0][0]
-        return round(self.results[min(last + 1, len(self.results) - 1)][1] - before, 1)
+        """How long Chroma did not answer (live.down_seconds)."""
+        return round(down_seconds([(start, end, outcome == 200) for start, end, outcome in self.results]), 1)
 
 
 def container(guest: Guest, service: str) -> dict[str, str]:
